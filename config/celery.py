@@ -1,0 +1,78 @@
+"""Celery configuration: JSON only, late acks, the four queues and their routes."""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+from config.settings import VAR_DIR, Settings
+
+QUEUES = ("critical", "default", "notifications", "batch")
+
+# The longest countdown any task asks for. Redis re-delivers an unacked message after the
+# visibility timeout, so every countdown and ETA must stay well below it.
+MAX_COUNTDOWN_SECONDS = 900
+VISIBILITY_TIMEOUT_SECONDS = 2 * 3600
+
+# Routes by task-name prefix; a task may still name its queue explicitly.
+ROUTES = {
+    "holds.expired": {"queue": "default"},  # the follow-up is not time-critical
+    "holds.*": {"queue": "critical"},
+    "refunds.*": {"queue": "critical"},
+    "webhooks.*": {"queue": "critical"},
+    "notifications.*": {"queue": "notifications"},
+    "reconciliation.*": {"queue": "batch"},
+    "dlq.*": {"queue": "default"},
+    "ops.*": {"queue": "default"},
+}
+
+
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    if settings.BROKER_URL == "filesystem://":
+        folder = VAR_DIR / "broker"
+        for sub in ("messages", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "messages"),
+            "data_folder_out": str(folder / "messages"),
+            "control_folder": str(folder / "control"),
+            "polling_interval": 0.2,
+        }
+    return {
+        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+        # Redis: a countdown task stays in the worker's memory; a priority-less fair split.
+        "queue_order_strategy": "priority",
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """The Celery configuration mapping for `app.conf.update`."""
+    return {
+        "broker_url": settings.BROKER_URL,
+        "broker_transport_options": broker_transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        # One message at a time per process, so a long task never sits on a hold expiry.
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
+        "task_default_queue": "default",
+        "task_default_exchange": "default",
+        "task_default_routing_key": "default",
+        "task_routes": ROUTES,
+        "task_create_missing_queues": False,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "timezone": settings.TIMEZONE,
+        "enable_utc": True,
+        "task_protocol": 2,
+    }

@@ -1,0 +1,1 @@
+"""The Celery tasks, one module per capability; each is a thin wrapper over a plain function."""

@@ -1,0 +1,59 @@
+"""Hold expiry tasks: `holds.expire` (enqueued by other services), the sweep, the follow-up."""
+
+from __future__ import annotations
+
+import logging
+
+from config import get_settings
+from config.celery import MAX_COUNTDOWN_SECONDS
+from workers.base import TaskContext, task, utcnow
+from workers.holds import expire_hold, notify_expired, sweep_expired_holds
+from workers.jobs import record_heartbeat
+from workers.payloads import ExpireHold, HoldsExpired
+
+log = logging.getLogger("backstop.holds")
+
+
+@task("holds.expire", payload=ExpireHold)
+def expire(ctx: TaskContext, payload: ExpireHold) -> str:
+    outcome = expire_hold(ctx.session, payload.hold_id, ctx.now)
+    if outcome.result == "not_due":
+        # Called early: come back when it is due. Long waits go in steps below the broker's
+        # visibility timeout; the sweep expires the hold on time whatever happens to us.
+        wait = (outcome.expires_at - ctx.now).total_seconds()
+        ctx.enqueue(
+            "holds.expire",
+            {"hold_id": payload.hold_id},
+            countdown=min(max(wait, 0.0), MAX_COUNTDOWN_SECONDS),
+        )
+    log.info("hold.%s", outcome.result, extra={"hold_id": payload.hold_id})
+    return outcome.result
+
+
+@task("holds.sweep_expired")
+def sweep(ctx: TaskContext) -> dict[str, int]:
+    settings = get_settings()
+    result = sweep_expired_holds(
+        ctx.session,
+        utcnow,
+        batch_size=settings.HOLD_SWEEP_BATCH,
+        time_budget=max(settings.HOLD_SWEEP_SECONDS * 6, 30),
+    )
+    counts = {"expired": result.expired, "batches": result.batches}
+    record_heartbeat(
+        ctx.session,
+        "holds.sweep_expired",
+        started_at=ctx.now,
+        finished_at=utcnow(),
+        outcome="OK",
+        counts=counts,
+        task_id=ctx.task_id,
+    )
+    if result.expired:
+        log.info("holds.swept", extra=counts)
+    return counts
+
+
+@task("holds.expired", payload=HoldsExpired)
+def expired(ctx: TaskContext, payload: HoldsExpired) -> int:
+    return notify_expired(ctx.session, list(payload.hold_ids))

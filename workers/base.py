@@ -1,0 +1,161 @@
+"""One base Task and one decorator that own everything cutting across tasks.
+
+A task body gets a `TaskContext` (a session in an open transaction, the clock, the attempt) and
+its validated payload; the base commits the transaction, sends after-commit work, binds logs,
+and sorts errors: transient ones are retried with backoff and jitter, permanent ones and
+exhausted retries are written to `dead_letters`, and the worker goes on either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Retry
+from sqlalchemy.orm import Session
+
+from config import get_settings
+from config.celery import MAX_COUNTDOWN_SECONDS
+from workers.db import session_scope
+from workers.dlq import record_dead_letter
+from workers.enqueue import enqueue_after_commit
+from workers.errors import Classification, PayloadError, classify, one_line
+from workers.payloads import Payload, validate
+from workers.retry import backoff_delay
+
+log = logging.getLogger("backstop.task")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class TaskContext:
+    """What a task body works with. `now` is read once, when the run starts."""
+
+    session: Session
+    now: datetime
+    task_id: str | None
+    task_name: str
+    retries: int
+
+    def enqueue(self, task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
+        """Send another task once this run's transaction commits."""
+        enqueue_after_commit(self.session, task_name, kwargs, **options)
+
+
+Body = Callable[..., Any]
+
+
+class BackstopTask(Task):  # type: ignore[misc]
+    """The base of every backstop task. Set by the `task` decorator; not used directly."""
+
+    payload_model: type[Payload] | None = None
+    body: Body
+
+    def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        request = self.request
+        try:
+            payload = self.validate_payload(args, kwargs)
+            with session_scope() as session:
+                ctx = TaskContext(session, utcnow(), request.id, self.name, request.retries or 0)
+                return self.body(ctx) if payload is None else self.body(ctx, payload)
+        except Retry:
+            raise
+        except Exception as exc:
+            self.handle_error(exc, args, kwargs)
+            raise
+
+    def validate_payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload | None:
+        if args:
+            raise PayloadError(
+                "invalid payload: positional arguments are not accepted; send keyword arguments"
+            )
+        if self.payload_model is None:
+            if kwargs:
+                raise PayloadError(f"invalid payload: unexpected fields {sorted(kwargs)}")
+            return None
+        return validate(self.payload_model, kwargs)
+
+    def handle_error(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Retry a transient error, or dead-letter the task; returns only to re-raise `exc`."""
+        settings = get_settings()
+        retries = self.request.retries or 0
+        kind = classify(exc)
+        if kind is Classification.TRANSIENT and retries < settings.TASK_MAX_RETRIES:
+            countdown = self.retry_countdown(retries)
+            log.warning(
+                "task.retry",
+                extra={
+                    "error": type(exc).__name__,
+                    "attempt": retries + 1,
+                    "countdown": round(countdown, 1),
+                },
+            )
+            raise self.retry(exc=exc, countdown=countdown, max_retries=None)
+        payload = dict(kwargs)
+        if args:
+            payload["__args__"] = list(args)
+        try:
+            with session_scope() as session:
+                letter = record_dead_letter(
+                    session,
+                    task_name=self.name,
+                    task_id=self.request.id,
+                    payload=payload,
+                    error=exc,
+                    attempts=retries + 1,
+                    classification=kind,
+                    now=utcnow(),
+                )
+        except Exception as write_error:
+            # Losing the task is worse than trying again: without its dead letter, retry it.
+            log.error("dead_letter.write_failed", extra={"error": one_line(write_error)})
+            raise self.retry(
+                exc=exc, countdown=settings.TASK_RETRY_MAX_SECONDS, max_retries=None
+            ) from write_error
+        log.error(
+            "task.dead_lettered",
+            extra={
+                "dead_letter_id": letter,
+                "classification": kind.value,
+                "error": f"{type(exc).__name__}: {one_line(exc)}",
+            },
+        )
+
+    @staticmethod
+    def retry_countdown(retries: int) -> float:
+        settings = get_settings()
+        cap = min(settings.TASK_RETRY_MAX_SECONDS, MAX_COUNTDOWN_SECONDS)
+        return backoff_delay(retries, settings.TASK_RETRY_BASE_SECONDS, cap)
+
+
+def task(
+    name: str, *, payload: type[Payload] | None = None, **options: Any
+) -> Callable[[Body], BackstopTask]:
+    """Declare a task under its explicit, stable, dotted contract name.
+
+    The body is `fn(ctx)` or `fn(ctx, payload)`; it should be a thin call into a plain function
+    of `workers/` that tests call directly.
+    """
+
+    def decorate(fn: Body) -> BackstopTask:
+        def run(self: BackstopTask, *args: Any, **kwargs: Any) -> Any:
+            return self.execute(args, kwargs)
+
+        run.__name__, run.__doc__, run.__module__ = fn.__name__, fn.__doc__, fn.__module__
+        return shared_task(  # type: ignore[no-any-return]
+            name=name,
+            base=BackstopTask,
+            bind=True,
+            payload_model=payload,
+            body=staticmethod(fn),
+            **options,
+        )(run)
+
+    return decorate

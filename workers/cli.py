@@ -1,0 +1,68 @@
+"""The `backstop` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from config import SettingsError
+from config.settings import load_settings
+
+
+@click.group()
+def main() -> None:
+    """backstop: the background-worker system of the bookings-and-payments platform."""
+    try:
+        load_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the Alembic migrations to DATABASE_URL."""
+    from workers import migrate
+
+    migrate.upgrade(revision=revision)
+    click.echo(f"database upgraded to {revision}", err=True)
+
+
+@main.group()
+def demo() -> None:
+    """The demo workload of `make run`."""
+
+
+@demo.command("seed")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo_seed(as_json: bool) -> None:
+    """Seed demo holds into an empty database (does nothing otherwise)."""
+    from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
+    from workers.base import utcnow
+    from workers.db import session_scope
+    from workers.demo import seed
+
+    with session_scope() as session:
+        ids = seed(session, utcnow())
+    if as_json:
+        click.echo(json.dumps({"seeded_holds": ids}))
+    elif ids:
+        click.echo(
+            f"demo: seeded {len(ids)} holds expiring over the next minute "
+            f"(ids {ids[0]}..{ids[-1]}); watch them expire here and on "
+            "http://127.0.0.1:5555",
+            err=True,
+        )
+    else:
+        click.echo("demo: the database already has holds; nothing seeded", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The shared database helpers: engine and sessions, lock helpers, the transition helper."""
+
+from workers.db.engine import (
+    dispose_engine,
+    get_engine,
+    make_engine,
+    new_session,
+    on_commit,
+    run_in_transaction,
+    session_scope,
+)
+from workers.db.locks import claim, is_postgres, lock_key, lock_rows, try_advisory_xact_lock
+from workers.db.transitions import (
+    MACHINES,
+    InvalidTransition,
+    Transition,
+    transition,
+    transition_batch,
+)
+
+__all__ = [
+    "MACHINES",
+    "InvalidTransition",
+    "Transition",
+    "claim",
+    "dispose_engine",
+    "get_engine",
+    "is_postgres",
+    "lock_key",
+    "lock_rows",
+    "make_engine",
+    "new_session",
+    "on_commit",
+    "run_in_transaction",
+    "session_scope",
+    "transition",
+    "transition_batch",
+    "try_advisory_xact_lock",
+]

@@ -1,0 +1,239 @@
+"""The one audited, idempotent transition helper through which every status changes.
+
+A transition is a compare-and-set in SQL (`UPDATE ... WHERE id = :id AND status = :seen`), and
+its `state_transitions` audit row is written in the same transaction. Repeating a transition
+already made is a no-op; a transition the entity's state machine does not allow is an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Select, insert, literal, select, update
+from sqlalchemy.orm import Session
+
+from workers.db.locks import is_postgres
+from workers.errors import NotFound, PermanentError, TransientError
+from workers.models import (
+    Base,
+    BookingHold,
+    DeadLetter,
+    Notification,
+    Payment,
+    Refund,
+    StateTransition,
+    UTCDateTime,
+)
+
+# entity (table name) -> {to_status: statuses it may be reached from}
+MACHINES: dict[str, dict[str, frozenset[str]]] = {
+    "booking_holds": {
+        "CONFIRMED": frozenset({"ACTIVE"}),
+        "EXPIRED": frozenset({"ACTIVE"}),
+        "RELEASED": frozenset({"ACTIVE"}),
+    },
+    "payments": {
+        "AUTHORIZED": frozenset({"PENDING"}),
+        "COMPLETED": frozenset({"AUTHORIZED", "PENDING"}),
+        "FAILED": frozenset({"PENDING", "AUTHORIZED"}),
+    },
+    "refunds": {
+        "PROCESSING": frozenset({"PENDING"}),
+        "COMPLETED": frozenset({"PENDING", "PROCESSING"}),
+        "FAILED": frozenset({"PENDING", "PROCESSING"}),
+        "PENDING": frozenset({"FAILED"}),
+    },
+    "notifications": {
+        "SENT": frozenset({"PENDING"}),
+        "DEAD": frozenset({"PENDING"}),
+    },
+    "dead_letters": {
+        "RETRYING": frozenset({"NEW", "MANUAL_REVIEW"}),
+        "REPLAYED": frozenset({"RETRYING"}),
+        "MANUAL_REVIEW": frozenset({"NEW", "RETRYING"}),
+        "DISCARDED": frozenset({"NEW", "RETRYING", "MANUAL_REVIEW"}),
+    },
+}
+
+# A row whose status changes between our read and our write is read again; this many times.
+MAX_CAS_ROUNDS = 10
+
+MODELS: dict[str, type[Base]] = {
+    model.__tablename__: model for model in (BookingHold, Payment, Refund, Notification, DeadLetter)
+}
+
+
+class InvalidTransition(PermanentError):
+    """The entity's state machine does not allow this change from its current status."""
+
+    def __init__(self, entity: str, entity_id: int, current: str, to: str) -> None:
+        super().__init__(f"{entity} {entity_id}: {current} -> {to} is not allowed")
+        self.entity, self.entity_id, self.current, self.to = entity, entity_id, current, to
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What `transition` did: `changed` is False for a repeat, or when `guard` held it back."""
+
+    entity: str
+    entity_id: int
+    from_status: str
+    to_status: str
+    changed: bool
+
+
+def sources(entity: str, to: str) -> frozenset[str]:
+    try:
+        return MACHINES[entity][to]
+    except KeyError:
+        raise PermanentError(f"{entity}: no transition leads to {to!r}") from None
+
+
+def transition(
+    session: Session,
+    entity: str,
+    entity_id: int,
+    to: str,
+    *,
+    actor: str,
+    reason: str | None,
+    now: datetime,
+    values: Mapping[str, Any] | None = None,
+    guard: ColumnElement[bool] | None = None,
+) -> Transition:
+    """Move one row to status `to` if its state machine allows it from the current status.
+
+    `values` are further columns set in the same UPDATE; `guard` is an extra condition the row
+    must meet at the moment of the change (e.g. `expires_at <= now`). The row is compared and
+    set in one statement, so a concurrent change between our read and our write makes the
+    UPDATE match nothing, and we look again.
+    """
+    model = MODELS[entity]
+    table = model.__table__
+    allowed = sources(entity, to)
+    for _ in range(MAX_CAS_ROUNDS):
+        current = session.execute(
+            select(table.c.status).where(table.c.id == entity_id)
+        ).scalar_one_or_none()
+        if current is None:
+            raise NotFound(f"{entity} {entity_id} does not exist")
+        if current == to:
+            return Transition(entity, entity_id, current, to, changed=False)
+        if current not in allowed:
+            raise InvalidTransition(entity, entity_id, current, to)
+        stmt = (
+            update(table)
+            .where(table.c.id == entity_id, table.c.status == current)
+            .values(status=to, updated_at=now, **dict(values or {}))
+        )
+        if guard is not None:
+            stmt = stmt.where(guard)
+        if session.execute(stmt).rowcount == 1:
+            session.execute(
+                insert(StateTransition).values(
+                    entity=entity,
+                    entity_id=entity_id,
+                    from_status=current,
+                    to_status=to,
+                    actor=actor,
+                    reason=reason,
+                    at=now,
+                )
+            )
+            return Transition(entity, entity_id, current, to, changed=True)
+        if guard is not None:
+            still = session.execute(
+                select(table.c.status).where(table.c.id == entity_id)
+            ).scalar_one_or_none()
+            if still == current:  # the status is unchanged, so the guard held us back
+                return Transition(entity, entity_id, current, to, changed=False)
+    raise TransientError(f"{entity} {entity_id}: status kept changing under {to} transition")
+
+
+def transition_batch(
+    session: Session,
+    entity: str,
+    claimed: Select[tuple[int]],
+    from_status: str,
+    to: str,
+    *,
+    actor: str,
+    reason: str | None,
+    now: datetime,
+    values: Mapping[str, Any] | None = None,
+    guard: ColumnElement[bool] | None = None,
+) -> list[int]:
+    """Move every row `claimed` selects from `from_status` to `to`, with one audit row each.
+
+    `claimed` selects ids, normally through `locks.claim` (LIMIT n FOR UPDATE SKIP LOCKED). On
+    Postgres the claim, the compare-and-set UPDATE and the audit INSERT are one statement.
+    Returns the ids that changed.
+    """
+    if from_status not in sources(entity, to):
+        raise InvalidTransition(entity, 0, from_status, to)
+    table = MODELS[entity].__table__
+    conditions = [table.c.status == from_status]
+    if guard is not None:
+        conditions.append(guard)
+    assignments = {"status": to, "updated_at": now, **dict(values or {})}
+    audit_columns = ["entity", "entity_id", "from_status", "to_status", "actor", "reason", "at"]
+
+    if is_postgres(session):
+        batch = claimed.cte("claimed")
+        changed = (
+            update(table)
+            .where(table.c.id == batch.c.id, *conditions)
+            .values(**assignments)
+            .returning(table.c.id)
+            .cte("changed")
+        )
+        audit = (
+            insert(StateTransition)
+            .from_select(
+                audit_columns,
+                select(
+                    literal(entity),
+                    changed.c.id,
+                    literal(from_status),
+                    literal(to),
+                    literal(actor),
+                    literal(reason),
+                    literal(now, UTCDateTime()),
+                ),
+            )
+            .returning(StateTransition.entity_id)
+        )
+        return list(session.execute(audit).scalars())
+
+    # SQLite: the transaction already holds the write lock, so three statements are as safe.
+    ids = list(session.execute(claimed).scalars())
+    if not ids:
+        return []
+    changed_ids = list(
+        session.execute(
+            update(table)
+            .where(table.c.id.in_(ids), *conditions)
+            .values(**assignments)
+            .returning(table.c.id)
+        ).scalars()
+    )
+    if changed_ids:
+        session.execute(
+            insert(StateTransition),
+            [
+                {
+                    "entity": entity,
+                    "entity_id": entity_id,
+                    "from_status": from_status,
+                    "to_status": to,
+                    "actor": actor,
+                    "reason": reason,
+                    "at": now,
+                }
+                for entity_id in changed_ids
+            ],
+        )
+    return changed_ids

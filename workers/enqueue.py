@@ -1,0 +1,25 @@
+"""Send tasks by name only once the transaction that asked for them has committed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from workers.db import on_commit
+
+
+def send(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
+    """Send a task by its contract name now (outside any transaction)."""
+    from workers.celery_app import app
+
+    app.send_task(task_name, kwargs=kwargs, **options)
+
+
+def enqueue_after_commit(
+    session: Session, task_name: str, kwargs: dict[str, Any], **options: Any
+) -> None:
+    """Send `task_name` once `session` commits; a rollback drops it, so no task ever refers to
+    a row that was never written. A row that needs a task and lost it to a crash between commit
+    and send is found again by its sweep."""
+    on_commit(session, lambda: send(task_name, kwargs, **options))

@@ -1,0 +1,89 @@
+"""Error sorting: what is worth retrying, and what goes straight to the dead-letter table."""
+
+from __future__ import annotations
+
+import socket
+from enum import StrEnum
+
+import kombu.exceptions
+import redis.exceptions
+from sqlalchemy import exc as sa_exc
+
+
+class Classification(StrEnum):
+    TRANSIENT = "TRANSIENT"
+    PERMANENT = "PERMANENT"
+    UNKNOWN = "UNKNOWN"
+
+
+class BackstopError(Exception):
+    """Base of backstop's own errors; the class says how it sorts."""
+
+    classification = Classification.PERMANENT
+
+
+class PermanentError(BackstopError):
+    """Retrying cannot help: bad input, a missing row, a rule broken."""
+
+
+class TransientError(BackstopError):
+    """Retrying later may help: the other side is busy or unreachable."""
+
+    classification = Classification.TRANSIENT
+
+
+class PayloadError(PermanentError):
+    """A task payload failed validation; the message names the field."""
+
+
+class NotFound(PermanentError):
+    """The row a task was asked about does not exist."""
+
+
+# SQLSTATEs that a later attempt can get past: serialization failure, deadlock, lock timeout,
+# statement timeout or cancel, admin shutdown, too many connections, and the connection class.
+TRANSIENT_SQLSTATES = frozenset(
+    {"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03", "53300", "53400"}
+)
+
+TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    TimeoutError,
+    ConnectionError,
+    socket.timeout,
+    sa_exc.TimeoutError,  # connection pool exhausted
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "pgcode", None)
+
+
+def classify(exc: BaseException) -> Classification:
+    """Sort an exception into TRANSIENT or PERMANENT (UNKNOWN is for outcomes, not errors)."""
+    if isinstance(exc, BackstopError):
+        return exc.classification
+    if isinstance(exc, sa_exc.DBAPIError):
+        code = sqlstate(exc)
+        if exc.connection_invalidated:
+            return Classification.TRANSIENT
+        if code is not None:
+            if code in TRANSIENT_SQLSTATES or code.startswith("08"):
+                return Classification.TRANSIENT
+            return Classification.PERMANENT
+        # No SQLSTATE: the server could not be reached, or SQLite said "database is locked".
+        if isinstance(exc, sa_exc.OperationalError):
+            return Classification.TRANSIENT
+        return Classification.PERMANENT
+    if isinstance(exc, TRANSIENT_EXCEPTIONS):
+        return Classification.TRANSIENT
+    return Classification.PERMANENT
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, as the dead-letter table and logs show it."""
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())

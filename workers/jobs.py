@@ -1,0 +1,84 @@
+"""`job_runs`: the record of every scheduled job's runs, which schedule checks read."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from workers.db.upsert import insert_ignore
+from workers.models import JobRun
+
+
+def hour_bucket(now: datetime) -> datetime:
+    return now.replace(minute=0, second=0, microsecond=0)
+
+
+def record_heartbeat(
+    session: Session,
+    job_name: str,
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+    outcome: str,
+    counts: dict[str, int],
+    task_id: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Add one run of a job that runs every few seconds to its heartbeat row for this hour:
+    `runs` counts the runs, `counts` adds up their counters, and `started_at`/`finished_at`
+    are the last run's, which is what freshness checks read."""
+    bucket = hour_bucket(started_at)
+    values: dict[str, Any] = {
+        "job_name": job_name,
+        "bucket": bucket,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "outcome": outcome,
+        "runs": 1,
+        "counts": counts,
+        "task_id": task_id,
+        "error": error,
+    }
+    inserted = insert_ignore(
+        session,
+        JobRun,
+        values,
+        conflict=["job_name", "bucket"],
+        where=JobRun.bucket.isnot(None),
+        returning=JobRun.id,
+    )
+    if inserted:
+        return
+    row = session.execute(
+        select(JobRun.id, JobRun.runs, JobRun.counts)
+        .where(JobRun.job_name == job_name, JobRun.bucket == bucket)
+        .with_for_update()
+    ).one()
+    total = dict(row.counts)
+    for key, value in counts.items():
+        total[key] = int(total.get(key, 0)) + value
+    session.execute(
+        update(JobRun)
+        .where(JobRun.id == row.id)
+        .values(
+            runs=row.runs + 1,
+            counts=total,
+            started_at=started_at,
+            finished_at=finished_at,
+            outcome=outcome,
+            task_id=task_id,
+            error=error,
+        )
+    )
+
+
+def last_run(session: Session, job_name: str) -> JobRun | None:
+    return session.scalars(
+        select(JobRun)
+        .where(JobRun.job_name == job_name)
+        .order_by(JobRun.started_at.desc())
+        .limit(1)
+    ).first()

@@ -1,0 +1,68 @@
+"""Structured logs: dotted event names with key=value fields, bound to the running task.
+
+`task_prerun` binds the task id and name to a context variable and `task_postrun` clears it;
+a filter copies them onto every record, whichever logger wrote it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from typing import Any
+
+_task: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "backstop_task", default=None
+)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "task_id", "task_name"}
+
+
+def bind_task(task_id: str | None, task_name: str | None) -> None:
+    _task.set((task_id or "-", task_name or "-"))
+
+
+def clear_task() -> None:
+    _task.set(None)
+
+
+class TaskContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        bound = _task.get()
+        record.task_id, record.task_name = bound or ("-", "-")
+        return True
+
+
+class KeyValueFormatter(logging.Formatter):
+    """`time level logger [task_name task_id] event key=value ...`, one line per record."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)-7s %(name)s [%(task_name)s %(task_id)s] %(message)s"
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        if fields:
+            line += " " + " ".join(f"{k}={_show(v)}" for k, v in sorted(fields.items()))
+        return line
+
+
+def _show(value: Any) -> str:
+    text = str(value)
+    return repr(text) if (" " in text or not text) else text
+
+
+def configure(level: str = "INFO") -> None:
+    """Install backstop's handler on the root logger (Celery's own setup is switched off)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TaskContextFilter())
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # celery.worker.strategy logs every message body at INFO; task start and end are enough.
+    for noisy in ("sqlalchemy.engine", "amqp", "kombu", "celery.worker.strategy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,294 @@
+"""SQLAlchemy models of every shared table in the contract (section 3).
+
+Every column other services rely on has a server-side default where the contract says so, so a
+plain SQL INSERT naming only the business columns works from any language.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass timezone-aware UTC times")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Id = BigInteger().with_variant(Integer, "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+NOW = func.now()
+
+
+def _statuses(*names: str) -> str:
+    return "status IN (" + ", ".join(f"'{name}'" for name in names) + ")"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: Json}
+
+
+class Timestamps:
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+HOLD_STATUSES = ("ACTIVE", "CONFIRMED", "EXPIRED", "RELEASED")
+
+
+class BookingHold(Timestamps, Base):
+    __tablename__ = "booking_holds"
+    __table_args__ = (
+        CheckConstraint(_statuses(*HOLD_STATUSES), name="status"),
+        # The sweep reads only due ACTIVE holds; the partial index keeps that read small
+        # however many final holds the table accumulates.
+        Index(
+            "ix_booking_holds_active_expires_at",
+            "expires_at",
+            postgresql_where=text("status = 'ACTIVE'"),
+            sqlite_where=text("status = 'ACTIVE'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    resource_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    start_time: Mapped[datetime]
+    end_time: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16), server_default="ACTIVE")
+    expires_at: Mapped[datetime]
+    released_at: Mapped[datetime | None]
+
+
+PAYMENT_STATUSES = ("PENDING", "AUTHORIZED", "COMPLETED", "FAILED")
+
+
+class Payment(Timestamps, Base):
+    __tablename__ = "payments"
+    __table_args__ = (
+        CheckConstraint(_statuses(*PAYMENT_STATUSES), name="status"),
+        CheckConstraint("amount >= 0", name="amount"),
+        CheckConstraint("gateway IN ('razorpay', 'stripe')", name="gateway"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    gateway: Mapped[str] = mapped_column(String(16))
+    gateway_order_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    gateway_payment_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), server_default="PENDING")
+
+
+REFUND_STATUSES = ("PENDING", "PROCESSING", "COMPLETED", "FAILED")
+
+
+class Refund(Timestamps, Base):
+    __tablename__ = "refunds"
+    __table_args__ = (
+        CheckConstraint(_statuses(*REFUND_STATUSES), name="status"),
+        CheckConstraint("amount > 0", name="amount"),
+        Index("ix_refunds_status_updated_at", "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    reason: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), server_default="PENDING")
+    idempotency_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    gateway_refund_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    requires_manual_review: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+NOTIFICATION_STATUSES = ("PENDING", "SENT", "DEAD")
+
+
+class Notification(Base):
+    __tablename__ = "notifications"
+    __table_args__ = (
+        CheckConstraint(_statuses(*NOTIFICATION_STATUSES), name="status"),
+        CheckConstraint("channel IN ('email', 'sms', 'push')", name="channel"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(8))
+    recipient: Mapped[str] = mapped_column(String(256))
+    template: Mapped[str] = mapped_column(String(128))
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    dedupe_key: Mapped[str | None] = mapped_column(String(256), unique=True)
+    status: Mapped[str] = mapped_column(String(16), server_default="PENDING")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    sent_at: Mapped[datetime | None]
+
+
+DEAD_LETTER_STATUSES = ("NEW", "RETRYING", "REPLAYED", "MANUAL_REVIEW", "DISCARDED")
+CLASSIFICATIONS = ("TRANSIENT", "PERMANENT", "UNKNOWN")
+
+
+class DeadLetter(Timestamps, Base):
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        CheckConstraint(_statuses(*DEAD_LETTER_STATUSES), name="status"),
+        CheckConstraint(
+            "classification IN ('TRANSIENT', 'PERMANENT', 'UNKNOWN')", name="classification"
+        ),
+        Index("ix_dead_letters_status_created_at", "status", "created_at"),
+        Index("ix_dead_letters_task_name", "task_name"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    task_name: Mapped[str] = mapped_column(String(128))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    error_type: Mapped[str] = mapped_column(String(128))
+    error_message: Mapped[str] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")
+    classification: Mapped[str] = mapped_column(String(16), server_default="UNKNOWN")
+    status: Mapped[str] = mapped_column(String(16), server_default="NEW")
+
+
+class WebhookEvent(Base):
+    __tablename__ = "webhook_events"
+    __table_args__ = (UniqueConstraint("provider", "event_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    event_id: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str | None] = mapped_column(String(128))
+    received_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    processed_at: Mapped[datetime | None]
+
+
+class JobRun(Base):
+    """One run of a scheduled job, or for a job that runs every few seconds, one heartbeat row
+    per job and hour whose counters add up the runs in it."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (
+        CheckConstraint(
+            "outcome IS NULL OR outcome IN ('OK', 'FAILED', 'SKIPPED')", name="outcome"
+        ),
+        Index("ix_job_runs_job_name_started_at", "job_name", "started_at"),
+        # At most one heartbeat row per job and bucket.
+        Index(
+            "uq_job_runs_heartbeat",
+            "job_name",
+            "bucket",
+            unique=True,
+            postgresql_where=text("bucket IS NOT NULL"),
+            sqlite_where=text("bucket IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    job_name: Mapped[str] = mapped_column(String(128))
+    bucket: Mapped[datetime | None]
+    started_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    runs: Mapped[int] = mapped_column(Integer, server_default="1")
+    counts: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    error: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class ReconciliationRun(Base):
+    __tablename__ = "reconciliation_runs"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    gateway: Mapped[str] = mapped_column(String(16))
+    window_start: Mapped[datetime]
+    window_end: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(16), server_default="RUNNING")
+    started_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    finished_at: Mapped[datetime | None]
+    counts: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+
+
+DISCREPANCY_TYPES = ("MISSING_IN_DB", "STATUS_MISMATCH", "AMOUNT_MISMATCH", "MISSING_AT_GATEWAY")
+
+
+class ReconciliationDiscrepancy(Base):
+    __tablename__ = "reconciliation_discrepancies"
+    __table_args__ = (
+        CheckConstraint(
+            "type IN ('MISSING_IN_DB', 'STATUS_MISMATCH', 'AMOUNT_MISMATCH', 'MISSING_AT_GATEWAY')",
+            name="type",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("reconciliation_runs.id"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    payment_id: Mapped[int | None] = mapped_column(ForeignKey("payments.id"))
+    gateway_payment_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class StateTransition(Base):
+    """The audit trail of every status change, written by `workers.db.transition`."""
+
+    __tablename__ = "state_transitions"
+    __table_args__ = (Index("ix_state_transitions_entity", "entity", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[int] = mapped_column(BigInteger)
+    from_status: Mapped[str] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(server_default=NOW)
