@@ -1,0 +1,165 @@
+"""Settings, the Celery configuration and the beat schedule."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from config.celery import MAX_COUNTDOWN_SECONDS, QUEUES, VISIBILITY_TIMEOUT_SECONDS
+from config.settings import Settings, SettingsError, load_settings
+from tests.conftest import ROOT, service_env
+from workers.celery_app import app
+
+
+def test_defaults_are_the_contract_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DATABASE_URL", "BROKER_URL"):
+        monkeypatch.delenv(name)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.DATABASE_URL.startswith("sqlite:///") and settings.DATABASE_URL.endswith(
+        "var/backstop.sqlite"
+    )
+    assert settings.BROKER_URL == "filesystem://"
+    assert (settings.TIMEZONE, settings.HOLD_SWEEP_SECONDS, settings.REFUND_RETRY_CRON) == (
+        "UTC",
+        5,
+        "*/30 * * * *",
+    )
+    assert (settings.REFUND_STUCK_AFTER_SECONDS, settings.REFUND_ESCALATE_AFTER_SECONDS) == (
+        3600,
+        86400,
+    )
+    assert (settings.RECONCILE_CRON, settings.DLQ_TRIAGE_CRON) == ("0 2 * * *", "*/15 * * * *")
+    assert (settings.NOTIFY_MAX_ATTEMPTS, settings.NOTIFY_BACKOFF_SECONDS) == (5, 60)
+    assert settings.DLQ_MANUAL_AFTER_SECONDS == 86400
+    assert settings.SENTRY_DSN is None and settings.FLOWER_BASIC_AUTH is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        (
+            "HOLD_SWEEP_SECONDS",
+            "abc",
+            "bad setting HOLD_SWEEP_SECONDS: Input should be a valid integer",
+        ),
+        (
+            "HOLD_SWEEP_SECONDS",
+            "0",
+            "bad setting HOLD_SWEEP_SECONDS: Input should be greater than 0",
+        ),
+        (
+            "REFUND_RETRY_CRON",
+            "*/30 * * *",
+            "bad setting REFUND_RETRY_CRON: Value error, expected 5 cron fields",
+        ),
+        ("RECONCILE_CRON", "0 25 * * *", "bad setting RECONCILE_CRON: Value error, invalid cron"),
+        ("TIMEZONE", "Mars/Olympus", "bad setting TIMEZONE: Value error, unknown time zone"),
+        ("DATABASE_URL", "mysql://x", "bad setting DATABASE_URL: Value error, expected a"),
+        ("BROKER_URL", "amqp://x", "bad setting BROKER_URL: Value error, expected redis://"),
+        (
+            "FLOWER_BASIC_AUTH",
+            "nocolon",
+            "bad setting FLOWER_BASIC_AUTH: Value error, expected user:password",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert str(error.value).startswith(expected)
+    assert "\n" not in str(error.value)
+
+
+def test_a_secret_value_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "hunter2-no-colon")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert "hunter2" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool=solo"],
+        [sys.executable, "-m", "celery", "-A", "workers", "beat"],
+        [sys.executable, "-m", "workers.cli", "db", "upgrade"],
+    ],
+    ids=["worker", "beat", "cli"],
+)
+def test_a_process_with_a_bad_setting_stops_at_start_with_one_line(argv: list[str]) -> None:
+    done = subprocess.run(
+        argv,
+        env=service_env(HOLD_SWEEP_SECONDS="soon"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "bad setting HOLD_SWEEP_SECONDS" in lines[0]
+
+
+def test_celery_speaks_json_only_and_acks_late() -> None:
+    conf = app.conf
+    assert conf.accept_content == ["json"]
+    assert conf.task_serializer == conf.result_serializer == conf.event_serializer == "json"
+    assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_hijack_root_logger is False
+    assert conf.task_protocol == 2
+
+
+def test_the_four_queues_and_the_routes() -> None:
+    assert [queue.name for queue in app.conf.task_queues] == list(QUEUES)
+    router = app.amqp.router
+
+    def queue_of(task_name: str) -> str:
+        return router.route({}, task_name)["queue"].name
+
+    assert queue_of("holds.expire") == "critical"
+    assert queue_of("holds.sweep_expired") == "critical"
+    assert queue_of("holds.expired") == "default"
+    assert queue_of("refunds.submit") == "critical"
+    assert queue_of("webhooks.process") == "critical"
+    assert queue_of("notifications.send") == "notifications"
+    assert queue_of("reconciliation.nightly") == "batch"
+    assert queue_of("dlq.replay") == "default"
+
+
+def test_every_countdown_stays_below_the_visibility_timeout() -> None:
+    from workers.base import BackstopTask
+
+    settings = load_settings()
+    assert app.conf.broker_transport_options["visibility_timeout"] == VISIBILITY_TIMEOUT_SECONDS
+    assert MAX_COUNTDOWN_SECONDS < VISIBILITY_TIMEOUT_SECONDS / 2
+    assert settings.TASK_RETRY_MAX_SECONDS < VISIBILITY_TIMEOUT_SECONDS
+    longest = max(BackstopTask.retry_countdown(n) for n in range(settings.TASK_MAX_RETRIES + 5))
+    assert longest <= MAX_COUNTDOWN_SECONDS
+
+
+def test_beat_schedule_names_registered_tasks_in_kebab_case() -> None:
+    import tasks.holds  # noqa: F401  (registers the tasks)
+
+    schedule = app.conf.beat_schedule
+    assert "sweep-expired-holds" in schedule
+    for entry_name, entry in schedule.items():
+        assert re.fullmatch(r"[a-z]+(-[a-z]+)*", entry_name)
+        assert entry["task"] in app.tasks
+    sweep = schedule["sweep-expired-holds"]
+    assert sweep["schedule"].total_seconds() == 5 and sweep["options"]["expires"] == 5
+
+
+def test_every_public_task_has_an_explicit_dotted_name() -> None:
+    import tasks.holds  # noqa: F401
+
+    ours = [name for name in app.tasks if not name.startswith("celery.")]
+    assert set(ours) >= {"holds.expire", "holds.sweep_expired", "holds.expired"}
+    assert all(re.fullmatch(r"[a-z_]+\.[a-z_]+", name) for name in ours)

@@ -1,0 +1,79 @@
+"""The Procfile, docker-compose.yml and the Makefile agree with each other and the contract."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from tests.conftest import ROOT
+
+
+def procfile() -> dict[str, str]:
+    entries = {}
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, command = line.split(":", 1)
+            entries[name.strip()] = command.strip()
+    return entries
+
+
+def compose() -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_procfile_has_the_contract_processes() -> None:
+    assert {"worker", "beat", "flower"} <= set(procfile())
+
+
+def test_every_procfile_process_runs_in_compose_with_the_same_command() -> None:
+    services = compose()["services"]
+    for name, command in procfile().items():
+        assert name in services, f"Procfile process {name!r} has no compose service"
+        argv = services[name]["command"]
+        assert argv[:2] == ["sh", "-c"], name
+        # Compose escapes a shell's $ as $$; the command itself must be the Procfile's.
+        assert argv[2].replace("$$", "$") == f"exec {command}", name
+
+
+def test_compose_runs_the_backing_services_with_health_checks() -> None:
+    services = compose()["services"]
+    assert {"postgres", "redis", "migrate", "worker", "beat", "flower"} <= set(services)
+    for name in ("postgres", "redis", *procfile()):
+        assert "healthcheck" in services[name], f"{name} has no health check"
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    assert services["migrate"]["command"] == ["backstop", "db", "upgrade"]
+    for name in procfile():
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["postgres"]["condition"] == "service_healthy"
+
+
+def test_compose_points_every_process_at_postgres_and_redis() -> None:
+    services = compose()["services"]
+    for name in (*procfile(), "migrate"):
+        env = services[name]["environment"]
+        assert env["DATABASE_URL"].startswith("postgresql+psycopg2://")
+        assert env["BROKER_URL"].startswith("redis://redis:")
+
+
+def test_flower_is_only_exposed_behind_basic_auth() -> None:
+    flower = compose()["services"]["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"].startswith("${FLOWER_BASIC_AUTH:?")
+
+
+def test_workers_split_batch_from_the_time_critical_queues() -> None:
+    queues = {
+        name: set(re.search(r"--queues=(\S+)", cmd).group(1).split(","))
+        for name, cmd in procfile().items()
+        if "--queues=" in cmd
+    }
+    assert "critical" in queues["worker"] and "batch" not in queues["worker"]
+    assert queues["batch"] == {"batch"}
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make test" in (ROOT / "README.md").read_text()
+    assert "make run" in (ROOT / "README.md").read_text()

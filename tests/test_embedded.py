@@ -1,0 +1,163 @@
+"""The embedded default `make run` uses: SQLite and kombu's filesystem broker, no servers.
+
+A real worker with beat and a real Flower run on it; holds expire by name and by the sweep,
+and Flower, behind basic auth, sees the task events.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from tests.conftest import ROOT, Proc, wait_until
+from tests.workers.factories import add_holds
+from workers.models import BookingHold, JobRun
+
+pytestmark = pytest.mark.e2e
+
+
+def embedded_env(var_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BROKER_URL")}
+    env.update(BACKSTOP_VAR_DIR=str(var_dir), PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def backstop(env: dict[str, str], *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def flower_get(port: int, path: str, auth: str | None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
+def test_embedded_default_expires_holds_and_flower_sees_them(tmp_path: Path) -> None:
+    port = free_port()
+    env = embedded_env(
+        tmp_path, HOLD_SWEEP_SECONDS="1", FLOWER_BASIC_AUTH="ops:s3cret", FLOWER_PORT=str(port)
+    )
+    backstop(env, "db", "upgrade")
+    database = tmp_path / "backstop.sqlite"
+    assert database.exists()
+    engine = create_engine(f"sqlite:///{database}")
+    now = datetime.now(UTC)
+    with Session(engine) as session:
+        by_task, *_ = add_holds(
+            session,
+            [now - timedelta(seconds=1), now + timedelta(seconds=1), now + timedelta(seconds=2)],
+        )
+        session.commit()
+
+    procs = [
+        Proc(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers",
+                "worker",
+                "--beat",
+                f"--schedule={tmp_path / 'beat-schedule'}",
+                "-c",
+                "2",
+                "-n",
+                "embedded@%h",
+                "--loglevel=INFO",
+            ],
+            env,
+            tmp_path / "worker.log",
+        ),
+        Proc(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers",
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={port}",
+                f"--db={tmp_path / 'flower.db'}",
+            ],
+            env,
+            tmp_path / "flower.log",
+        ),
+    ]
+    try:
+        procs[0].wait_for("ready.")
+        procs[1].wait_for("Visit me")
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from workers.celery_app import app; "
+                f"app.send_task('holds.expire', kwargs={{'hold_id': {by_task}}})",
+            ],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+        )
+
+        def statuses() -> dict[int, str]:
+            with Session(engine) as session:
+                return dict(session.execute(select(BookingHold.id, BookingHold.status)).all())
+
+        wait_until(lambda: set(statuses().values()) == {"EXPIRED"}, timeout=60)
+        with Session(engine) as session:
+            beats = session.scalar(select(JobRun).where(JobRun.job_name == "holds.sweep_expired"))
+            assert beats is not None and beats.runs >= 1
+
+        assert flower_get(port, "/api/tasks", None)[0] == 401
+        assert flower_get(port, "/api/tasks", "ops:wrong")[0] == 401
+
+        def seen_by_flower() -> dict[str, str]:
+            status, body = flower_get(port, "/api/tasks", "ops:s3cret")
+            assert status == 200
+            return {task["name"]: task["state"] for task in json.loads(body).values()}
+
+        seen = wait_until(
+            lambda: (
+                (tasks := seen_by_flower()).get("holds.expire") == "SUCCESS"
+                and "holds.sweep_expired" in tasks
+                and tasks
+            ),
+            timeout=30,
+        )
+        assert seen["holds.sweep_expired"] == "SUCCESS"
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert "Traceback" not in procs[0].output(), procs[0].output()[-3000:]
