@@ -23,6 +23,7 @@ redis-server:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 run: install
+	$(VENV)/bin/backstop demo prune-broker
 	$(VENV)/bin/backstop db upgrade
 	$(VENV)/bin/backstop demo seed
 	@# Ctrl-C stops every process; honcho then exits 130, which is the normal way out here.

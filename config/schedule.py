@@ -17,10 +17,3 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "options": {"queue": "critical", "expires": sweep},
         },
     }
-
-
-def schedule_windows(settings: Settings) -> dict[str, timedelta]:
-    """How long each scheduled job may go without a run before it counts as missed."""
-    return {
-        "holds.sweep_expired": timedelta(seconds=settings.HOLD_SWEEP_SECONDS * 6 + 30),
-    }

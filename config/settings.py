@@ -104,8 +104,7 @@ class Settings(BaseSettings):
     DB_STATEMENT_TIMEOUT_MS: PositiveInt = 60_000
     DB_IDLE_IN_TRANSACTION_TIMEOUT_MS: PositiveInt = 120_000
 
-    LOG_FORMAT: Annotated[str, Field(pattern=r"^(text|json)$")] = "text"
-    LOG_LEVEL: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    LOG_LEVEL: Annotated[str | None, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = None
 
     @field_validator("FLOWER_BASIC_AUTH")
     @classmethod
@@ -126,11 +125,6 @@ class Settings(BaseSettings):
         if not value.startswith(("filesystem://", "redis://", "rediss://", "memory://")):
             raise ValueError("expected redis://, rediss:// or filesystem://")
         return value
-
-    @property
-    def is_embedded(self) -> bool:
-        """True on the embedded default: SQLite and a broker that needs no server."""
-        return self.DATABASE_URL.startswith("sqlite:") or self.BROKER_URL == "filesystem://"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -161,3 +161,19 @@ def test_embedded_default_expires_holds_and_flower_sees_them(tmp_path: Path) -> 
         for proc in procs:
             proc.stop()
     assert "Traceback" not in procs[0].output(), procs[0].output()[-3000:]
+
+
+def test_prune_keeps_waiting_tasks_and_drops_stale_event_queues(tmp_path: Path) -> None:
+    from workers.demo import prune_embedded_broker
+
+    messages, control = tmp_path / "messages", tmp_path / "control"
+    messages.mkdir()
+    control.mkdir()
+    (control / "celeryev.exchange").write_text("[]")
+    kept = [messages / "1_a.critical.msg", messages / "2_b.batch.msg"]
+    stale = [messages / "3_c.celeryev.5f9a-77.msg", messages / "4_d.reply.celery.pidbox.msg"]
+    for path in kept + stale:
+        path.write_text("{}")
+    assert prune_embedded_broker(tmp_path) == 2
+    assert not control.exists()
+    assert sorted(messages.iterdir()) == sorted(kept)

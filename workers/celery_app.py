@@ -22,8 +22,9 @@ app.set_default()
 
 
 @signals.setup_logging.connect
-def _setup_logging(**_: Any) -> None:
-    logs.configure(get_settings().LOG_LEVEL)
+def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    # LOG_LEVEL, when set, wins over the command line's --loglevel.
+    logs.configure(get_settings().LOG_LEVEL or loglevel or "INFO")
 
 
 @signals.worker_process_init.connect

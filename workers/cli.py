@@ -64,5 +64,18 @@ def demo_seed(as_json: bool) -> None:
         click.echo("demo: the database already has holds; nothing seeded", err=True)
 
 
+@demo.command("prune-broker")
+def demo_prune_broker() -> None:
+    """Before `make run` starts: drop stale fanout bindings of the embedded broker."""
+    from config import get_settings
+    from config.settings import VAR_DIR
+    from workers.demo import prune_embedded_broker
+
+    if get_settings().BROKER_URL != "filesystem://":
+        raise click.ClickException("prune-broker is only for the embedded filesystem broker")
+    removed = prune_embedded_broker(VAR_DIR / "broker")
+    click.echo(f"embedded broker: {removed} stale event messages removed", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

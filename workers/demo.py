@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from config.celery import QUEUES
 from workers.enqueue import enqueue_after_commit
 from workers.models import BookingHold
 
@@ -44,3 +47,21 @@ def seed(session: Session, now: datetime, *, holds: int = 24) -> list[int]:
                 countdown=(rows[index]["expires_at"] - now).total_seconds(),
             )
     return ids
+
+
+def prune_embedded_broker(folder: Path) -> int:
+    """Forget what an earlier `make run` left in the filesystem broker besides tasks.
+
+    kombu's filesystem transport keeps fanout bindings in files, so the event queue of a Flower
+    that has gone would go on receiving every task event, forever. With nothing running, drop
+    all bindings (workers and producers declare theirs again) and every message not on one of
+    the task queues. Tasks still waiting are kept. Returns the messages removed.
+    """
+    shutil.rmtree(folder / "control", ignore_errors=True)
+    removed = 0
+    for path in (folder / "messages").glob("*.msg"):
+        queue = path.name.partition(".")[2].removesuffix(".msg")
+        if queue not in QUEUES:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

@@ -73,12 +73,3 @@ def record_heartbeat(
             error=error,
         )
     )
-
-
-def last_run(session: Session, job_name: str) -> JobRun | None:
-    return session.scalars(
-        select(JobRun)
-        .where(JobRun.job_name == job_name)
-        .order_by(JobRun.started_at.desc())
-        .limit(1)
-    ).first()

@@ -55,7 +55,7 @@ def _show(value: Any) -> str:
     return repr(text) if (" " in text or not text) else text
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: int | str = "INFO") -> None:
     """Install backstop's handler on the root logger (Celery's own setup is switched off)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TaskContextFilter())
