@@ -67,7 +67,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_default_routing_key": "default",
         "task_routes": ROUTES,
         "task_create_missing_queues": False,
-        "task_send_sent_event": True,
+        # No task-sent events: each would be a second publish per task; Flower shows tasks
+        # from the worker's received/started/succeeded events.
+        "task_send_sent_event": False,
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,

@@ -13,7 +13,18 @@ def send(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
     """Send a task by its contract name now (outside any transaction)."""
     from workers.celery_app import app
 
+    options.setdefault("kwargsrepr", short_repr(kwargs))
     app.send_task(task_name, kwargs=kwargs, **options)
+
+
+def short_repr(kwargs: dict[str, Any]) -> str:
+    """What logs and Flower show of a payload: long lists (a sweep's 1,000 hold ids) are
+    summarized, which also spares Celery building a full repr of them on every send."""
+    shown = {
+        key: f"<{len(value)} items>" if isinstance(value, list) and len(value) > 10 else value
+        for key, value in kwargs.items()
+    }
+    return repr(shown)
 
 
 def enqueue_after_commit(

@@ -7,6 +7,7 @@ compare-and-set on `status = 'ACTIVE' AND expires_at <= now`, so exactly one sid
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from workers.db import InvalidTransition, claim, transition, transition_batch
+from workers.db import InvalidTransition, claim, transition
+from workers.db.transitions import NOW, BatchTransition
 from workers.db.upsert import insert_ignore
 from workers.enqueue import enqueue_after_commit
 from workers.errors import NotFound
@@ -90,27 +92,10 @@ def sweep_expired_holds(
     stops when a batch comes back short or after `time_budget` seconds; the next beat goes on.
     """
     result = SweepResult()
+    expire_due = _expire_due_holds(batch_size, actor)
     deadline = time.monotonic() + time_budget
     while True:
-        now = clock()
-        due = claim(
-            select(BookingHold.id)
-            .where(BookingHold.status == "ACTIVE", BookingHold.expires_at <= now)
-            .order_by(BookingHold.expires_at),
-            batch_size,
-        )
-        ids = transition_batch(
-            session,
-            "booking_holds",
-            due,
-            "ACTIVE",
-            "EXPIRED",
-            actor=actor,
-            reason="hold expired (sweep)",
-            now=now,
-            values={"released_at": now},
-            guard=BookingHold.expires_at <= now,
-        )
+        ids = expire_due(session, clock())
         if ids:
             enqueue_after_commit(session, FOLLOW_UP_TASK, {"hold_ids": ids})
         session.commit()
@@ -118,6 +103,26 @@ def sweep_expired_holds(
         result.batches += 1
         if len(ids) < batch_size or time.monotonic() >= deadline:
             return result
+
+
+@functools.cache
+def _expire_due_holds(batch_size: int, actor: str) -> BatchTransition:
+    due = claim(
+        select(BookingHold.id)
+        .where(BookingHold.status == "ACTIVE", BookingHold.expires_at <= NOW)
+        .order_by(BookingHold.expires_at),
+        batch_size,
+    )
+    return BatchTransition(
+        "booking_holds",
+        due,
+        "ACTIVE",
+        "EXPIRED",
+        actor=actor,
+        reason="hold expired (sweep)",
+        values={"released_at": NOW},
+        guard=BookingHold.expires_at <= NOW,
+    )
 
 
 def notify_expired(session: Session, hold_ids: list[int]) -> int:

@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    any_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from workers.db.locks import is_postgres
@@ -153,6 +163,108 @@ def transition(
     raise TransientError(f"{entity} {entity_id}: status kept changing under {to} transition")
 
 
+# The clock of a batch transition, bound at each run so that one built statement serves them all.
+NOW = bindparam("now", type_=UTCDateTime())
+
+
+class BatchTransition:
+    """Move every row a claim selects from `from_status` to `to`, with one audit row each.
+
+    `claimed` selects ids, normally through `locks.claim` (LIMIT n FOR UPDATE SKIP LOCKED); it,
+    `values` and `guard` may use `NOW`, bound to the run's clock. On Postgres the claim, the
+    compare-and-set UPDATE and the audit INSERT are one statement. The statements are built
+    once: a sweep keeps one BatchTransition and runs it batch after batch, which spares
+    SQLAlchemy rebuilding and re-keying a large statement every time.
+    """
+
+    def __init__(
+        self,
+        entity: str,
+        claimed: Select[tuple[int]],
+        from_status: str,
+        to: str,
+        *,
+        actor: str,
+        reason: str | None,
+        values: Mapping[str, Any] | None = None,
+        guard: ColumnElement[bool] | None = None,
+    ) -> None:
+        if from_status not in sources(entity, to):
+            raise InvalidTransition(entity, 0, from_status, to)
+        self.entity, self.claimed, self.from_status, self.to = entity, claimed, from_status, to
+        self.actor, self.reason = actor, reason
+        table = MODELS[entity].__table__
+        self.table = table
+        self.conditions = [table.c.status == from_status]
+        if guard is not None:
+            self.conditions.append(guard)
+        self.assignments = {"status": to, "updated_at": NOW, **dict(values or {})}
+        self._postgres = self._build_postgres()
+        self._sqlite_update = (
+            update(table)
+            .where(table.c.id.in_(bindparam("ids", expanding=True)), *self.conditions)
+            .values(**self.assignments)
+            .returning(table.c.id)
+        )
+
+    def _build_postgres(self) -> Any:
+        table, audit = self.table, StateTransition.__table__
+        batch = self.claimed.cte("claimed")
+        # `id = ANY(ARRAY(claimed))` keeps every row lookup on the primary key; joining the CTE
+        # instead lets the planner hash-join over all due rows once they are a large share of
+        # the table, which makes each batch of a big backlog slower than the last.
+        changed = (
+            update(table)
+            .where(
+                table.c.id == any_(func.array(select(batch.c.id).scalar_subquery())),
+                *self.conditions,
+            )
+            .values(**self.assignments)
+            .returning(table.c.id)
+            .cte("changed")
+        )
+        rows = select(
+            literal(self.entity),
+            changed.c.id,
+            literal(self.from_status),
+            literal(self.to),
+            literal(self.actor),
+            literal(self.reason),
+            NOW,
+        )
+        return insert(audit).from_select(AUDIT_COLUMNS, rows).returning(audit.c.entity_id)
+
+    def __call__(self, session: Session, now: datetime) -> list[int]:
+        """Run one batch in the session's transaction; returns the ids that changed."""
+        if is_postgres(session):
+            return list(session.execute(self._postgres, {"now": now}).scalars())
+        # SQLite: the transaction already holds the write lock, so three statements are as safe.
+        ids = list(session.execute(self.claimed, {"now": now}).scalars())
+        if not ids:
+            return []
+        changed = list(session.execute(self._sqlite_update, {"ids": ids, "now": now}).scalars())
+        if changed:
+            session.execute(
+                insert(StateTransition.__table__),
+                [
+                    {
+                        "entity": self.entity,
+                        "entity_id": entity_id,
+                        "from_status": self.from_status,
+                        "to_status": self.to,
+                        "actor": self.actor,
+                        "reason": self.reason,
+                        "at": now,
+                    }
+                    for entity_id in changed
+                ],
+            )
+        return changed
+
+
+AUDIT_COLUMNS = ["entity", "entity_id", "from_status", "to_status", "actor", "reason", "at"]
+
+
 def transition_batch(
     session: Session,
     entity: str,
@@ -166,74 +278,8 @@ def transition_batch(
     values: Mapping[str, Any] | None = None,
     guard: ColumnElement[bool] | None = None,
 ) -> list[int]:
-    """Move every row `claimed` selects from `from_status` to `to`, with one audit row each.
-
-    `claimed` selects ids, normally through `locks.claim` (LIMIT n FOR UPDATE SKIP LOCKED). On
-    Postgres the claim, the compare-and-set UPDATE and the audit INSERT are one statement.
-    Returns the ids that changed.
-    """
-    if from_status not in sources(entity, to):
-        raise InvalidTransition(entity, 0, from_status, to)
-    table = MODELS[entity].__table__
-    conditions = [table.c.status == from_status]
-    if guard is not None:
-        conditions.append(guard)
-    assignments = {"status": to, "updated_at": now, **dict(values or {})}
-    audit_columns = ["entity", "entity_id", "from_status", "to_status", "actor", "reason", "at"]
-
-    if is_postgres(session):
-        batch = claimed.cte("claimed")
-        changed = (
-            update(table)
-            .where(table.c.id == batch.c.id, *conditions)
-            .values(**assignments)
-            .returning(table.c.id)
-            .cte("changed")
-        )
-        audit = (
-            insert(StateTransition)
-            .from_select(
-                audit_columns,
-                select(
-                    literal(entity),
-                    changed.c.id,
-                    literal(from_status),
-                    literal(to),
-                    literal(actor),
-                    literal(reason),
-                    literal(now, UTCDateTime()),
-                ),
-            )
-            .returning(StateTransition.entity_id)
-        )
-        return list(session.execute(audit).scalars())
-
-    # SQLite: the transaction already holds the write lock, so three statements are as safe.
-    ids = list(session.execute(claimed).scalars())
-    if not ids:
-        return []
-    changed_ids = list(
-        session.execute(
-            update(table)
-            .where(table.c.id.in_(ids), *conditions)
-            .values(**assignments)
-            .returning(table.c.id)
-        ).scalars()
+    """One batch transition, built and run once (see `BatchTransition`)."""
+    batch = BatchTransition(
+        entity, claimed, from_status, to, actor=actor, reason=reason, values=values, guard=guard
     )
-    if changed_ids:
-        session.execute(
-            insert(StateTransition),
-            [
-                {
-                    "entity": entity,
-                    "entity_id": entity_id,
-                    "from_status": from_status,
-                    "to_status": to,
-                    "actor": actor,
-                    "reason": reason,
-                    "at": now,
-                }
-                for entity_id in changed_ids
-            ],
-        )
-    return changed_ids
+    return batch(session, now)
