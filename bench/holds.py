@@ -28,9 +28,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,11 @@ import redis
 from sqlalchemy import Engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
+
+from tests import processes  # noqa: E402
+from tests.processes import Proc  # noqa: E402
+
 BATCH = 1000
 SWEEP_SECONDS = 5  # the default HOLD_SWEEP_SECONDS, given to the worker and beat explicitly
 # The raw baseline, written as well as we know how: `id = ANY(ARRAY(...))` keeps every lookup on
@@ -104,85 +107,16 @@ FULL = Sizes(backlog=100_000, task_subset=3_000, load_seconds=60, rounds=5)
 QUICK = Sizes(backlog=10_000, task_subset=500, load_seconds=10, rounds=1)
 
 
-class Proc:
-    """A Celery process of ours with its own log file, in its own process group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
-        self.name = name
-        self.log = logs / f"{name}.log"
-        self.popen = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=ROOT,
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_for(self, marker: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.log.read_text(errors="replace"):
-                return
-            if self.popen.poll() is not None:
-                break
-            time.sleep(0.1)
-        tail = self.log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{self.name}: {marker!r} not seen in its log:\n{tail}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        os.killpg(self.popen.pid, signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-
-
 def celery_env() -> dict[str, str]:
     return {**os.environ, "HOLD_SWEEP_SECONDS": str(SWEEP_SECONDS), "PYTHONUNBUFFERED": "1"}
 
 
 def start_worker(name: str, logs: Path) -> Proc:
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
-        "worker",
-        "-Q",
-        "critical,default",
-        "-c",
-        "2",
-        "-n",
-        f"{name}@%h",
-        "--loglevel=INFO",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    worker = Proc(name, argv, celery_env(), logs)
-    worker.wait_for("ready.")
-    return worker
+    return processes.worker(name, celery_env(), logs / f"{name}.log", queues="critical,default")
 
 
 def start_beat(logs: Path) -> Proc:
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
-        "beat",
-        "--schedule",
-        str(logs / "beat-schedule"),
-        "--loglevel=INFO",
-    ]
-    beat = Proc("beat", argv, celery_env(), logs)
-    beat.wait_for("beat: Starting")
-    return beat
+    return processes.beat(celery_env(), logs / "beat.log", logs / "beat-schedule")
 
 
 def scalar(engine: Engine, sql: str, **params: Any) -> Any:

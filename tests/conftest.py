@@ -7,9 +7,6 @@ concurrency and of real workers commit for real and truncate the tables afterwar
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -20,7 +17,9 @@ import redis as redis_lib
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import processes
+from tests.processes import Proc
+
 TABLES = (
     "state_transitions",
     "reconciliation_discrepancies",
@@ -131,44 +130,6 @@ def redis() -> Iterator[redis_lib.Redis]:
     client.close()
 
 
-class Proc:
-    """A process of ours, started with its own log file and stopped by PID."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.popen = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=ROOT,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, marker: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.output():
-                return
-            if self.popen.poll() is not None:
-                raise AssertionError(f"process exited early:\n{self.output()[-4000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"{marker!r} not seen in {timeout}s:\n{self.output()[-4000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        return self.popen.returncode
-
-
 def service_env(**overrides: str) -> dict[str, str]:
     env = {
         **os.environ,
@@ -194,27 +155,15 @@ def start_worker(
         **env: str,
     ) -> Proc:
         name = f"test{len(started)}"
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers",
-            "worker",
-            "-Q",
-            queues,
-            "-c",
-            str(concurrency),
-            "-n",
-            f"{name}@%h",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
+        proc = processes.worker(
+            name,
+            service_env(**env),
+            tmp_path / f"{name}.log",
             *extra,
-        ]
-        proc = Proc(argv, service_env(**env), tmp_path / f"{name}.log")
+            queues=queues,
+            concurrency=concurrency,
+        )
         started.append(proc)
-        proc.wait_for("ready.")
         return proc
 
     yield start

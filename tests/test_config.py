@@ -10,7 +10,8 @@ import pytest
 
 from config.celery import MAX_COUNTDOWN_SECONDS, QUEUES, VISIBILITY_TIMEOUT_SECONDS
 from config.settings import Settings, SettingsError, load_settings
-from tests.conftest import ROOT, service_env
+from tests.conftest import service_env
+from tests.processes import ROOT
 from workers.celery_app import app
 
 

@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.processes import ROOT
 
 
 def procfile() -> dict[str, str]:

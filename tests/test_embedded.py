@@ -21,7 +21,8 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import ROOT, Proc, wait_until
+from tests.conftest import wait_until
+from tests.processes import CELERY, ROOT, Proc
 from tests.workers.factories import add_holds
 from workers.models import BookingHold, JobRun
 
@@ -82,11 +83,7 @@ def test_embedded_default_expires_holds_and_flower_sees_them(tmp_path: Path) -> 
     procs = [
         Proc(
             [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers",
+                *CELERY,
                 "worker",
                 "--beat",
                 f"--schedule={tmp_path / 'beat-schedule'}",
@@ -101,11 +98,7 @@ def test_embedded_default_expires_holds_and_flower_sees_them(tmp_path: Path) -> 
         ),
         Proc(
             [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers",
+                *CELERY,
                 "flower",
                 "--address=127.0.0.1",
                 f"--port={port}",
