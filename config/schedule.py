@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from config.settings import Settings
+from celery.schedules import crontab
+
+from config.settings import Settings, parse_cron
+
+CHECK_SCHEDULES_EVERY = timedelta(minutes=5)
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
@@ -16,4 +20,54 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             # A sweep that waited longer than one interval is superseded by the next one.
             "options": {"queue": "critical", "expires": sweep},
         },
+        "retry-stuck-refunds": {
+            "task": "refunds.retry_stuck",
+            "schedule": parse_cron(settings.REFUND_RETRY_CRON),
+            "options": {"queue": "critical"},
+        },
+        "check-schedules": {
+            "task": "ops.check_schedules",
+            "schedule": CHECK_SCHEDULES_EVERY,
+            "options": {"queue": "default", "expires": CHECK_SCHEDULES_EVERY.total_seconds()},
+        },
+    }
+
+
+def longest_gap(schedule: crontab, days: int = 8) -> timedelta:
+    """The longest wait between two consecutive runs of a cron schedule (over a week and a
+    day, which covers every day-of-week pattern)."""
+    start = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
+    at, gap = start, timedelta(0)
+    while at < start + timedelta(days=days):
+        nxt = _next_run(schedule, at)
+        gap = max(gap, nxt - at)
+        at = nxt
+    return gap
+
+
+def _next_run(schedule: crontab, after: datetime) -> datetime:
+    minute = after.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    while not _matches(schedule, minute):
+        minute += timedelta(minutes=1)
+    return minute
+
+
+def _matches(schedule: crontab, at: datetime) -> bool:
+    return (
+        at.minute in schedule.minute
+        and at.hour in schedule.hour
+        and at.day in schedule.day_of_month
+        and at.month in schedule.month_of_year
+        and at.isoweekday() % 7 in schedule.day_of_week
+    )
+
+
+def schedule_windows(settings: Settings) -> dict[str, timedelta]:
+    """How long each scheduled job may go without finishing a run before it counts as missed:
+    its longest interval plus a grace (refund retries every 30 minutes: 40 minutes)."""
+    sweep = timedelta(seconds=settings.HOLD_SWEEP_SECONDS)
+    return {
+        "holds.sweep_expired": sweep * 6 + timedelta(seconds=30),
+        "refunds.retry_stuck": longest_gap(parse_cron(settings.REFUND_RETRY_CRON))
+        + timedelta(minutes=10),
     }

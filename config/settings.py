@@ -87,7 +87,12 @@ class Settings(BaseSettings):
     HOLD_SWEEP_SECONDS: PositiveInt = 5
     HOLD_SWEEP_BATCH: PositiveInt = 1000
     REFUND_RETRY_CRON: Cron = "*/30 * * * *"
+    # Gateway calls: timeout of one HTTP request; attempts (new keys) after a FAILED refund.
+    GATEWAY_TIMEOUT_SECONDS: Annotated[float, Field(gt=0, le=60)] = 10.0
+    REFUND_MAX_ATTEMPTS: PositiveInt = 3
     REFUND_STUCK_AFTER_SECONDS: PositiveInt = 3600
+    # A PENDING refund older than this never finished its submission: the retry job resends it.
+    REFUND_PENDING_AFTER_SECONDS: PositiveInt = 600
     REFUND_ESCALATE_AFTER_SECONDS: PositiveInt = 86400
     RECONCILE_CRON: Cron = "0 2 * * *"
     NOTIFY_MAX_ATTEMPTS: PositiveInt = 5

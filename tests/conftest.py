@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
@@ -180,3 +181,33 @@ def wait_until(check: Callable[[], object], timeout: float = 30.0, every: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
         time.sleep(every)
+
+
+@pytest.fixture(scope="session")
+def simulator_server() -> Iterator[object]:
+    from workers.gateways.simulator import SimulatorServer
+
+    with SimulatorServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sim(simulator_server: Any) -> Any:
+    """The gateway simulator's state, reset: payments, refunds, faults and effect counters."""
+    simulator_server.state.reset()
+    return simulator_server.state
+
+
+@pytest.fixture
+def gateways(simulator_server: Any, sim: Any) -> dict[str, Any]:
+    """Both adapters on the official SDKs, over HTTP to the simulator, with a short timeout so
+    a hung request is a lost response within the test."""
+    from workers.gateways.razorpay import RazorpayGateway
+    from workers.gateways.stripe import StripeGateway
+
+    return {
+        "razorpay": RazorpayGateway(
+            sim.razorpay_key_id, sim.razorpay_key_secret, simulator_server.url, timeout=0.5
+        ),
+        "stripe": StripeGateway(sim.stripe_api_key, simulator_server.url, timeout=0.5),
+    }

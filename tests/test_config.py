@@ -147,8 +147,7 @@ def test_every_countdown_stays_below_the_visibility_timeout() -> None:
 
 
 def test_beat_schedule_names_registered_tasks_in_kebab_case() -> None:
-    import tasks.holds  # noqa: F401  (registers the tasks)
-
+    app.loader.import_default_modules()  # what a worker does: registers every task
     schedule = app.conf.beat_schedule
     assert "sweep-expired-holds" in schedule
     for entry_name, entry in schedule.items():
@@ -159,8 +158,31 @@ def test_beat_schedule_names_registered_tasks_in_kebab_case() -> None:
 
 
 def test_every_public_task_has_an_explicit_dotted_name() -> None:
-    import tasks.holds  # noqa: F401
-
+    app.loader.import_default_modules()
     ours = [name for name in app.tasks if not name.startswith("celery.")]
-    assert set(ours) >= {"holds.expire", "holds.sweep_expired", "holds.expired"}
+    assert set(ours) >= {
+        "holds.expire",
+        "holds.sweep_expired",
+        "holds.expired",
+        "refunds.submit",
+        "refunds.check",
+        "refunds.retry_stuck",
+        "ops.check_schedules",
+    }
     assert all(re.fullmatch(r"[a-z_]+\.[a-z_]+", name) for name in ours)
+
+
+def test_schedule_windows_follow_the_schedules() -> None:
+    from datetime import timedelta
+
+    from config.schedule import beat_schedule, schedule_windows
+
+    settings = load_settings()
+    windows = schedule_windows(settings)
+    assert windows["refunds.retry_stuck"] == timedelta(minutes=40)  # every 30 min + 10
+    assert windows["holds.sweep_expired"] == timedelta(seconds=60)
+    tasks_scheduled = {entry["task"] for entry in beat_schedule(settings).values()}
+    # Every scheduled job but the checker itself has a window the checker holds it to.
+    assert tasks_scheduled - {"ops.check_schedules"} == set(windows)
+    daily = load_settings(REFUND_RETRY_CRON="0 9 * * 1-5")
+    assert schedule_windows(daily)["refunds.retry_stuck"] == timedelta(days=3, minutes=10)

@@ -35,6 +35,29 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"database upgraded to {revision}", err=True)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+def simulator(host: str, port: int) -> None:
+    """Run the local Razorpay/Stripe simulator (point RAZORPAY_BASE_URL/STRIPE_API_BASE at it).
+
+    It accepts the credentials in RAZORPAY_KEY_ID/RAZORPAY_KEY_SECRET/STRIPE_API_KEY, or its
+    own test ones when those are unset. Never for production traffic.
+    """
+    from config import get_settings
+    from workers.gateways.simulator import serve
+
+    settings = get_settings()
+    credentials = {}
+    if settings.RAZORPAY_KEY_ID and settings.RAZORPAY_KEY_SECRET:
+        credentials["razorpay_key_id"] = settings.RAZORPAY_KEY_ID
+        credentials["razorpay_key_secret"] = settings.RAZORPAY_KEY_SECRET.get_secret_value()
+    if settings.STRIPE_API_KEY:
+        credentials["stripe_api_key"] = settings.STRIPE_API_KEY.get_secret_value()
+    click.echo(f"gateway simulator on http://{host}:{port}", err=True)
+    serve(host, port, **credentials)
+
+
 @main.group()
 def demo() -> None:
     """The demo workload of `make run`."""

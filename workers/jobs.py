@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from workers.db.upsert import insert_ignore
@@ -73,3 +73,36 @@ def record_heartbeat(
             error=error,
         )
     )
+
+
+def record_run(
+    session: Session,
+    job_name: str,
+    *,
+    started_at: datetime,
+    finished_at: datetime,
+    outcome: str,
+    counts: dict[str, int],
+    task_id: str | None = None,
+    error: str | None = None,
+) -> None:
+    """One `job_runs` row for one run of a job that runs every few minutes or less often."""
+    session.execute(
+        insert(JobRun).values(
+            job_name=job_name,
+            started_at=started_at,
+            finished_at=finished_at,
+            outcome=outcome,
+            counts=counts,
+            task_id=task_id,
+            error=error,
+        )
+    )
+
+
+def last_finished(session: Session) -> dict[str, datetime]:
+    """When each job last finished a run, OK or not."""
+    rows = session.execute(
+        select(JobRun.job_name, func.max(JobRun.finished_at)).group_by(JobRun.job_name)
+    ).all()
+    return {name: finished for name, finished in rows if finished is not None}

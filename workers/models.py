@@ -133,6 +133,14 @@ class Refund(Timestamps, Base):
         CheckConstraint(_statuses(*REFUND_STATUSES), name="status"),
         CheckConstraint("amount > 0", name="amount"),
         Index("ix_refunds_status_updated_at", "status", "updated_at"),
+        # The retry job reads only refunds that are neither final nor in manual review.
+        Index(
+            "ix_refunds_open",
+            "status",
+            "updated_at",
+            postgresql_where=text("NOT requires_manual_review"),
+            sqlite_where=text("NOT requires_manual_review"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -146,6 +154,13 @@ class Refund(Timestamps, Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     requires_manual_review: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # When the current key was first sent: from then on the outcome may be unknown, and after
+    # the gateway's key lifetime the refund is looked up before it is sent again.
+    key_sent_at: Mapped[datetime | None]
+    # A worker holds the refund until then while its gateway call is in flight.
+    in_flight_until: Mapped[datetime | None]
+    # When the retry job last took this refund on; it waits a full interval before the next.
+    last_retry_at: Mapped[datetime | None]
 
 
 NOTIFICATION_STATUSES = ("PENDING", "SENT", "DEAD")

@@ -23,6 +23,10 @@ class ExpireHold(Payload):
     hold_id: Id
 
 
+class SubmitRefund(Payload):
+    refund_id: Id
+
+
 class HoldsExpired(Payload):
     hold_ids: Annotated[list[Id], Field(min_length=1, max_length=10_000)]
 

@@ -1,0 +1,76 @@
+"""Refunds end to end: `refunds.submit` sent by name to a real worker on Redis, the worker's
+official SDK talking HTTP to the simulator, a transient fault retried with backoff."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert
+
+from tests.conftest import wait_until
+from tests.processes import Proc
+from workers.celery_app import app
+from workers.db import session_scope
+from workers.models import Payment, Refund
+
+pytestmark = pytest.mark.e2e
+
+
+def worker_env(server: Any, sim: Any) -> dict[str, str]:
+    return {
+        "RAZORPAY_KEY_ID": sim.razorpay_key_id,
+        "RAZORPAY_KEY_SECRET": sim.razorpay_key_secret,
+        "RAZORPAY_BASE_URL": server.url,
+        "STRIPE_API_KEY": sim.stripe_api_key,
+        "STRIPE_API_BASE": server.url,
+        "GATEWAY_TIMEOUT_SECONDS": "1",
+        "TASK_RETRY_BASE_SECONDS": "0.3",
+    }
+
+
+def add_refund(sim: Any, gateway: str, currency: str, captured: str) -> int:
+    paid = sim.add_payment(gateway, amount=10_000, currency=currency, status=captured)["id"]
+    with session_scope() as session:
+        payment = session.execute(
+            insert(Payment)
+            .values(
+                gateway=gateway,
+                gateway_payment_id=paid,
+                amount=10_000,
+                currency=currency,
+                status="COMPLETED",
+            )
+            .returning(Payment.id)
+        ).scalar_one()
+        return int(
+            session.execute(
+                insert(Refund)
+                .values(payment_id=payment, amount=2_500, currency=currency)
+                .returning(Refund.id)
+            ).scalar_one()
+        )
+
+
+def status(refund_id: int) -> str:
+    with session_scope() as session:
+        return session.get(Refund, refund_id).status
+
+
+def test_refunds_submit_by_name_survives_transient_faults_and_is_made_once(
+    committed: Engine, start_worker: Callable[..., Proc], simulator_server: Any, sim: Any
+) -> None:
+    worker = start_worker(**worker_env(simulator_server, sim))
+    rzp = add_refund(sim, "razorpay", "INR", "captured")
+    stp = add_refund(sim, "stripe", "USD", "succeeded")
+    # Each gateway fails the first two submissions: one refused, one lost after the effect.
+    sim.add_fault("razorpay.refund.create", "503", remaining=1)
+    sim.add_fault("stripe.refund.create", "lost", hang_seconds=2, remaining=1)
+    sim.add_fault("*.refund.create", "502", remaining=1)
+    for refund_id in (rzp, stp):
+        app.send_task("refunds.submit", kwargs={"refund_id": refund_id})
+    wait_until(lambda: status(rzp) == status(stp) == "COMPLETED", timeout=60)
+    effects = sim.effects()
+    assert effects["refunds_created"] == 2 and effects["duplicates"] == []
+    assert worker.output().count("task.retry") >= 2

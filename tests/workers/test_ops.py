@@ -1,0 +1,68 @@
+"""Schedule freshness: a job that missed its window pages, once an hour, naming the job."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, select
+
+from workers.db import session_scope
+from workers.jobs import record_run
+from workers.models import Notification
+from workers.ops import JOB, check_schedules
+
+T0 = datetime(2026, 7, 1, 10, tzinfo=UTC)
+WINDOWS = {
+    "refunds.retry_stuck": timedelta(minutes=40),
+    "holds.sweep_expired": timedelta(seconds=60),
+}
+
+
+def alerts() -> list[Notification]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(Notification)
+                .where(Notification.template == "alert.schedule_missed")
+                .order_by(Notification.id)
+            )
+        )
+
+
+def run(job: str, at: datetime) -> None:
+    with session_scope() as session:
+        record_run(session, job, started_at=at, finished_at=at, outcome="OK", counts={})
+
+
+def check(at: datetime) -> list[str]:
+    with session_scope() as session:
+        missed = check_schedules(session, at, WINDOWS)
+        record_run(session, JOB, started_at=at, finished_at=at, outcome="OK", counts={})
+    return missed
+
+
+def test_refund_retry_not_run_for_40_minutes_pages(committed: Engine) -> None:
+    run("refunds.retry_stuck", T0)
+    run("holds.sweep_expired", T0 + timedelta(minutes=41))
+    assert check(T0 + timedelta(minutes=39)) == []
+    assert check(T0 + timedelta(minutes=41)) == ["refunds.retry_stuck"]
+    (alert,) = alerts()
+    assert alert.data["job"] == "refunds.retry_stuck" and "window 0:40:00" in alert.data["message"]
+
+
+def test_a_missed_job_pages_once_an_hour_while_it_stays_missed(committed: Engine) -> None:
+    run("refunds.retry_stuck", T0)
+    run("holds.sweep_expired", T0)
+    for minutes in range(45, 60, 5):  # every 5 minutes, as beat runs the check
+        check(T0.replace(minute=0) + timedelta(minutes=minutes))
+    assert len(alerts()) == 2  # both jobs, once each in this hour
+    check(T0 + timedelta(hours=1, minutes=5))
+    assert len(alerts()) == 4
+
+
+def test_a_new_deployment_is_not_paged_before_its_jobs_had_their_chance(
+    committed: Engine,
+) -> None:
+    assert check(T0) == []  # no job has ever run, but the checker just started
+    assert check(T0 + timedelta(minutes=30)) == ["holds.sweep_expired"]
+    assert check(T0 + timedelta(minutes=41)) == ["holds.sweep_expired", "refunds.retry_stuck"]

@@ -1,0 +1,386 @@
+"""Refund submission, re-checks and the retry job: real Postgres, the official SDKs over HTTP
+to the simulator, and the simulator's effect counters as the proof of "at most once"."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import Engine, insert, select, update
+
+from workers.db import new_session, session_scope
+from workers.errors import NotFound
+from workers.gateways.base import GatewayPermanent, GatewayTransient, OutcomeUnknown
+from workers.models import Notification, Payment, Refund, StateTransition
+from workers.refunds import (
+    RefundInFlight,
+    RetryPolicy,
+    check_refund,
+    retry_stuck_refunds,
+    submit_refund,
+)
+
+GATEWAYS = ["razorpay", "stripe"]
+CURRENCY = {"razorpay": "INR", "stripe": "USD"}
+CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
+LEASE = timedelta(seconds=30)
+T0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+POLICY = RetryPolicy(
+    stuck_after=timedelta(hours=1),
+    pending_after=timedelta(minutes=10),
+    escalate_after=timedelta(days=1),
+    max_attempts=3,
+    batch_size=50,
+)
+
+
+class Clock:
+    def __init__(self, at: datetime = T0) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+def add_refund(
+    sim: Any, gateway: str, amount: int = 1_000, paid: int = 50_000, created_at: datetime = T0
+) -> int:
+    gateway_payment = sim.add_payment(
+        gateway, amount=paid, currency=CURRENCY[gateway], status=CAPTURED[gateway]
+    )["id"]
+    with session_scope() as session:
+        payment = session.execute(
+            insert(Payment)
+            .values(
+                gateway=gateway,
+                gateway_payment_id=gateway_payment,
+                amount=paid,
+                currency=CURRENCY[gateway],
+                status="COMPLETED",
+            )
+            .returning(Payment.id)
+        ).scalar_one()
+        return int(
+            session.execute(
+                insert(Refund)
+                .values(
+                    payment_id=payment,
+                    amount=amount,
+                    currency=CURRENCY[gateway],
+                    reason="cancelled",
+                    created_at=created_at,
+                    updated_at=created_at,
+                )
+                .returning(Refund.id)
+            ).scalar_one()
+        )
+
+
+def refund(refund_id: int) -> Refund:
+    with session_scope() as session:
+        return session.get(Refund, refund_id)
+
+
+def submit(
+    refund_id: int, gateways: dict[str, Any], clock: Callable[[], datetime] | None = None
+) -> str:
+    """What the task does: one session, committed at the end by the base task."""
+    with session_scope() as session:
+        return submit_refund(
+            session, refund_id, clock or Clock(), gateways.__getitem__, lease=LEASE
+        )
+
+
+def made_once(sim: Any) -> bool:
+    return sim.effects()["duplicates"] == []
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_a_refund_is_sent_once_and_completed(
+    committed: Engine, sim: Any, gateways: dict[str, Any], name: str
+) -> None:
+    refund_id = add_refund(sim, name)
+    assert submit(refund_id, gateways) == "COMPLETED"
+    row = refund(refund_id)
+    assert (row.status, row.attempts, row.in_flight_until) == ("COMPLETED", 1, None)
+    assert row.gateway_refund_id and row.idempotency_key.startswith(f"bkr-{refund_id}-")
+    assert sim.effects()["by_idempotency_key"] == {row.idempotency_key: 1}
+    with session_scope() as session:
+        audit = session.scalars(
+            select(StateTransition).where(StateTransition.entity == "refunds")
+        ).one()
+    assert (audit.from_status, audit.to_status, audit.actor) == (
+        "PENDING",
+        "COMPLETED",
+        "refunds.submit",
+    )
+    # Never sent again, however often it is asked.
+    requests_before = sum(sim.stats()["requests"].values())
+    assert submit(refund_id, gateways) == "already_completed"
+    assert sum(sim.stats()["requests"].values()) == requests_before
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_the_key_is_committed_before_the_gateway_is_called(
+    committed: Engine, sim: Any, gateways: dict[str, Any], name: str
+) -> None:
+    refund_id = add_refund(sim, name)
+    seen: dict[str, Any] = {}
+    real = gateways[name].submit_refund
+
+    def spy(request: Any) -> Any:
+        seen["persisted"] = refund(refund_id).idempotency_key  # read by another session
+        seen["sent"] = request.idempotency_key
+        return real(request)
+
+    gateways[name].submit_refund = spy
+    submit(refund_id, gateways)
+    assert seen["persisted"] == seen["sent"] is not None
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_pending_at_the_gateway_is_processing_then_rechecked(
+    committed: Engine, sim: Any, gateways: dict[str, Any], name: str
+) -> None:
+    sim.set_refund_outcome(name, "pending")
+    refund_id = add_refund(sim, name)
+    assert submit(refund_id, gateways) == "PROCESSING"
+    with session_scope() as session:
+        assert check_refund(session, refund_id, T0, gateways.__getitem__) == "PROCESSING"
+    sim.settle_refund(
+        refund(refund_id).gateway_refund_id, "processed" if name == "razorpay" else "succeeded"
+    )
+    with session_scope() as session:
+        assert check_refund(session, refund_id, T0, gateways.__getitem__) == "COMPLETED"
+    assert refund(refund_id).status == "COMPLETED"
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+@pytest.mark.parametrize(
+    ("kind", "raised"),
+    [
+        ("503", GatewayTransient),
+        ("429", GatewayTransient),
+        ("lost", OutcomeUnknown),
+        ("timeout", OutcomeUnknown),
+    ],
+)
+def test_a_failed_call_keeps_the_key_and_the_retry_makes_it_once(
+    committed: Engine, sim: Any, gateways: dict[str, Any], name: str, kind: str, raised: type
+) -> None:
+    refund_id = add_refund(sim, name)
+    sim.add_fault(f"{name}.refund.create", kind, hang_seconds=1.5, remaining=1)
+    with pytest.raises(raised):
+        submit(refund_id, gateways)
+    row = refund(refund_id)
+    assert (row.status, row.in_flight_until) == ("PENDING", None)  # lease released
+    assert row.last_error and row.key_sent_at == T0
+    key = row.idempotency_key
+    assert submit(refund_id, gateways) == "COMPLETED"
+    assert refund(refund_id).idempotency_key == key
+    assert sim.effects()["by_idempotency_key"] == {key: 1}
+    assert refund(refund_id).attempts == 1  # one attempt, sent twice
+
+
+def test_a_lost_response_after_the_key_expired_is_looked_up_not_resent(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    """Stripe forgets keys after 24 h: resending the same key then would refund twice. The
+    refund made by the lost request is found by our reference and adopted instead."""
+    refund_id = add_refund(sim, "stripe")
+    sim.add_fault("stripe.refund.create", "lost", hang_seconds=1.5, remaining=1)
+    with pytest.raises(OutcomeUnknown):
+        submit(refund_id, gateways, Clock(T0))
+    sim.advance(25 * 3600)
+    assert submit(refund_id, gateways, Clock(T0 + timedelta(hours=25))) == "COMPLETED"
+    assert sim.effects()["refunds_created"] == 1 and made_once(sim)
+
+
+def test_after_the_key_expired_and_nothing_was_made_it_is_sent(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    refund_id = add_refund(sim, "stripe")
+    sim.add_fault("stripe.refund.create", "timeout", hang_seconds=1.5, remaining=1)
+    with pytest.raises(OutcomeUnknown):
+        submit(refund_id, gateways, Clock(T0))
+    sim.advance(25 * 3600)
+    assert submit(refund_id, gateways, Clock(T0 + timedelta(hours=25))) == "COMPLETED"
+    assert sim.effects()["refunds_created"] == 1
+
+
+@pytest.mark.parametrize("name", GATEWAYS)
+def test_a_refusal_fails_the_attempt(
+    committed: Engine, sim: Any, gateways: dict[str, Any], name: str
+) -> None:
+    refund_id = add_refund(sim, name, amount=9_000, paid=5_000)
+    assert submit(refund_id, gateways) == "FAILED"
+    row = refund(refund_id)
+    assert row.status == "FAILED" and "HTTP 400" in row.last_error
+    assert row.in_flight_until is None
+
+
+def test_an_unconfigured_gateway_changes_nothing(committed: Engine, sim: Any) -> None:
+    refund_id = add_refund(sim, "stripe")
+
+    def unconfigured(name: str) -> Any:
+        raise GatewayPermanent(f"{name} is not configured: set STRIPE_API_KEY")
+
+    with pytest.raises(GatewayPermanent, match="set STRIPE_API_KEY"), session_scope() as session:
+        submit_refund(session, refund_id, Clock(), unconfigured, lease=LEASE)
+    row = refund(refund_id)
+    assert (row.status, row.idempotency_key, row.attempts, row.in_flight_until) == (
+        "PENDING",
+        None,
+        0,
+        None,
+    )
+
+
+def test_an_unknown_refund_is_not_found(committed: Engine, gateways: dict[str, Any]) -> None:
+    with pytest.raises(NotFound, match="refunds 4040 does not exist"):
+        submit(4040, gateways)
+
+
+def test_two_workers_never_have_the_same_refund_in_flight(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    """Eight threads on real connections submit the same refund at once while the gateway is
+    slow: one holds the lease and sends; the rest are deferred or find it done."""
+    refund_id = add_refund(sim, "razorpay")
+    sim.add_fault("razorpay.refund.create", "latency", latency_ms=300)
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            outcomes.append(submit(refund_id, gateways, lambda: datetime.now(UTC)))
+        except RefundInFlight:
+            outcomes.append("in_flight")
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sim.stats()["requests"].get("razorpay.refund.create") == 1
+    assert outcomes.count("COMPLETED") == 1
+    assert set(outcomes) <= {"COMPLETED", "in_flight", "already_completed"}
+
+
+def queued(redis: redis_lib.Redis, queue: str = "critical") -> list[tuple[str, dict[str, Any]]]:
+    import base64
+
+    messages = []
+    for raw in redis.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        messages.append((message["headers"]["task"], kwargs))
+    return messages
+
+
+def set_row(refund_id: int, **values: Any) -> None:
+    with session_scope() as session:
+        session.execute(update(Refund).where(Refund.id == refund_id).values(**values))
+
+
+def test_retry_job_takes_each_kind_of_due_refund(
+    committed: Engine, sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    now = T0 + timedelta(hours=3)
+    stuck = add_refund(sim, "razorpay")
+    set_row(stuck, status="PROCESSING", gateway_refund_id="rfnd_x", updated_at=T0)
+    fresh_processing = add_refund(sim, "razorpay")
+    set_row(fresh_processing, status="PROCESSING", updated_at=now - timedelta(minutes=5))
+    unfinished = add_refund(sim, "stripe")
+    set_row(unfinished, idempotency_key="bkr-old-key-123", key_sent_at=T0, updated_at=T0)
+    failed = add_refund(sim, "stripe")
+    set_row(
+        failed,
+        status="FAILED",
+        attempts=1,
+        idempotency_key="bkr-failed-key-1",
+        gateway_refund_id="re_failed",
+        updated_at=T0,
+    )
+    out_of_attempts = add_refund(sim, "stripe")
+    set_row(out_of_attempts, status="FAILED", attempts=3, updated_at=T0)
+    done = add_refund(sim, "stripe")
+    set_row(done, status="COMPLETED", updated_at=T0)
+
+    with session_scope() as session:
+        counts = retry_stuck_refunds(session, Clock(now), POLICY)
+    assert counts.as_dict() == {"checked": 1, "resubmitted": 1, "reattempted": 1, "escalated": 1}
+    assert sorted((name, kwargs["refund_id"]) for name, kwargs in queued(redis)) == sorted(
+        [
+            ("refunds.check", stuck),
+            ("refunds.submit", unfinished),
+            ("refunds.submit", failed),
+        ]
+    )
+    again = refund(failed)
+    assert again.status == "PENDING" and again.idempotency_key not in (None, "bkr-failed-key-1")
+    assert (again.key_sent_at, again.gateway_refund_id) == (None, None)
+    assert refund(unfinished).idempotency_key == "bkr-old-key-123"  # resent with its key
+    assert refund(out_of_attempts).requires_manual_review is True
+    # A second run soon after takes nothing again.
+    with session_scope() as session:
+        counts = retry_stuck_refunds(session, Clock(now + timedelta(minutes=1)), POLICY)
+    assert counts.as_dict() == {"checked": 0, "resubmitted": 0, "reattempted": 0, "escalated": 0}
+
+
+def test_two_retry_jobs_at_the_same_moment_take_each_refund_once(
+    committed: Engine, sim: Any, redis: redis_lib.Redis
+) -> None:
+    now = T0 + timedelta(hours=3)
+    ids = [add_refund(sim, "razorpay") for _ in range(120)]
+    with session_scope() as session:
+        session.execute(
+            update(Refund).where(Refund.id.in_(ids)).values(status="PROCESSING", updated_at=T0)
+        )
+    barrier = threading.Barrier(2)
+    results: list[dict[str, int]] = []
+
+    def run() -> None:
+        session = new_session()
+        try:
+            barrier.wait()
+            results.append(
+                retry_stuck_refunds(
+                    session, Clock(now), RetryPolicy(**{**POLICY.__dict__, "batch_size": 10})
+                ).as_dict()
+            )
+            session.commit()
+        finally:
+            session.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    checked = [kwargs["refund_id"] for name, kwargs in queued(redis) if name == "refunds.check"]
+    assert sorted(checked) == sorted(ids)  # every refund once, none twice
+    assert sum(result["checked"] for result in results) == 120
+
+
+def test_unresolved_refunds_escalate_once_with_an_alert(
+    committed: Engine, sim: Any, redis: redis_lib.Redis
+) -> None:
+    old = add_refund(sim, "stripe", created_at=T0 - timedelta(days=2))
+    set_row(old, status="PROCESSING", updated_at=T0 - timedelta(days=2))
+    for minutes in (0, 40):
+        with session_scope() as session:
+            retry_stuck_refunds(session, Clock(T0 + timedelta(minutes=minutes)), POLICY)
+    assert refund(old).requires_manual_review is True
+    with session_scope() as session:
+        alerts = session.scalars(
+            select(Notification).where(Notification.template == "alert.refund_manual_review")
+        ).all()
+    assert len(alerts) == 1 and alerts[0].dedupe_key == f"alert:refund-manual-review:{old}"
+    assert queued(redis) == []  # not retried automatically any more

@@ -1,0 +1,1 @@
+"""Payment gateway adapters (Razorpay, Stripe) and the local gateway simulator."""

@@ -1,0 +1,49 @@
+"""The configured gateway adapters, one per process (HTTP sessions do not survive a fork)."""
+
+from __future__ import annotations
+
+import os
+
+from config import get_settings
+from workers.gateways.base import Gateway, GatewayPermanent
+from workers.gateways.razorpay import RazorpayGateway
+from workers.gateways.stripe import StripeGateway
+
+_cache: dict[tuple[int, str], Gateway] = {}
+
+
+def get_gateway(name: str) -> Gateway:
+    """The adapter for `name`, built from settings; a gateway without credentials is a
+    permanent error naming the settings to set."""
+    key = (os.getpid(), name)
+    if key not in _cache:
+        _cache[key] = _build(name)
+    return _cache[key]
+
+
+def _build(name: str) -> Gateway:
+    settings = get_settings()
+    timeout = settings.GATEWAY_TIMEOUT_SECONDS
+    if name == "razorpay":
+        if not (settings.RAZORPAY_KEY_ID and settings.RAZORPAY_KEY_SECRET):
+            raise GatewayPermanent(
+                "razorpay is not configured: set RAZORPAY_KEY_ID and RAZORPAY_KEY_SECRET"
+            )
+        return RazorpayGateway(
+            settings.RAZORPAY_KEY_ID,
+            settings.RAZORPAY_KEY_SECRET.get_secret_value(),
+            settings.RAZORPAY_BASE_URL,
+            timeout,
+        )
+    if name == "stripe":
+        if not settings.STRIPE_API_KEY:
+            raise GatewayPermanent("stripe is not configured: set STRIPE_API_KEY")
+        return StripeGateway(
+            settings.STRIPE_API_KEY.get_secret_value(), settings.STRIPE_API_BASE, timeout
+        )
+    raise GatewayPermanent(f"unknown gateway {name!r}")
+
+
+def forget_gateways() -> None:
+    """Drop the adapters (after settings change in tests)."""
+    _cache.clear()

@@ -1,0 +1,408 @@
+"""Refund submission: each refund reaches its gateway at most once, whatever fails.
+
+An attempt runs in three steps. (1) In one transaction the refund row is locked, its attempt's
+idempotency key is created if it has none, and a short in-flight lease is taken; that commits
+before anything is sent. (2) The gateway is called outside any transaction, always with the
+attempt's key and an identical body, so a repeat is answered with the refund already made.
+(3) The outcome moves the row through the audited transition helper. A crash anywhere leaves
+a PENDING row with its key: the next attempt sends the same key again, or, once the gateway may
+have forgotten the key, first looks the refund up by the reference we wrote on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from workers.alerts import raise_alert
+from workers.db import claim, transition
+from workers.enqueue import enqueue_after_commit
+from workers.errors import NotFound, PermanentError, TransientError, one_line
+from workers.gateways.base import (
+    Gateway,
+    GatewayPermanent,
+    GatewayRefund,
+    GatewayTransient,
+    OutcomeUnknown,
+    RefundRequest,
+)
+from workers.models import Payment, Refund
+
+log = logging.getLogger("backstop.refunds")
+
+# Look a refund up before re-sending once its key is this close to the gateway's key lifetime.
+KEY_TTL_MARGIN = timedelta(hours=1)
+
+GatewayFor = Callable[[str], Gateway]
+
+
+class RefundInFlight(TransientError):
+    """Another worker has this refund's gateway call in flight; try again after its lease."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What step 1 decided: `request` is set when the refund is to be sent."""
+
+    outcome: str  # "send", or why not: already_completed, processing, failed, manual_review
+    gateway: Gateway | None = None
+    request: RefundRequest | None = None
+    key_sent_at: datetime | None = None  # when this key was first sent, before this attempt
+
+
+def new_key(refund_id: int) -> str:
+    """A fresh idempotency key: Razorpay wants 10+ characters of [A-Za-z0-9_-]."""
+    return f"bkr-{refund_id}-{secrets.token_hex(8)}"
+
+
+def claim_attempt(
+    session: Session, refund_id: int, now: datetime, lease: timedelta, gateway_for: GatewayFor
+) -> Claim:
+    """Step 1: lock the refund, decide whether to send it, and if so persist the key and take
+    the lease. The caller commits before any gateway call. The adapter is resolved before
+    anything is written, so a gateway without credentials changes nothing."""
+    row = session.execute(
+        select(Refund, Payment.gateway, Payment.gateway_payment_id)
+        .join(Payment, Payment.id == Refund.payment_id)
+        .where(Refund.id == refund_id)
+        .with_for_update(of=Refund)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"refunds {refund_id} does not exist")
+    refund, gateway_name, gateway_payment_id = row
+    if refund.requires_manual_review:
+        return Claim("manual_review")
+    if refund.status != "PENDING":
+        outcome = {
+            "COMPLETED": "already_completed",
+            "PROCESSING": "processing",
+            "FAILED": "failed",
+        }[refund.status]
+        return Claim(outcome)
+    if refund.in_flight_until is not None and refund.in_flight_until > now:
+        raise RefundInFlight(
+            f"refunds {refund_id} is in flight until {refund.in_flight_until.isoformat()}"
+        )
+    if not gateway_payment_id:
+        raise PermanentError(
+            f"refunds {refund_id}: payment {refund.payment_id} has no gateway_payment_id to refund"
+        )
+    gateway = gateway_for(gateway_name)
+    sent_before = refund.key_sent_at
+    key = refund.idempotency_key or new_key(refund_id)
+    session.execute(
+        update(Refund)
+        .where(Refund.id == refund_id)
+        .values(
+            idempotency_key=key,
+            key_sent_at=sent_before or now,
+            in_flight_until=now + lease,
+            # `attempts` counts attempts, that is keys: sending the same key again is not one.
+            attempts=Refund.attempts + (0 if refund.idempotency_key else 1),
+            updated_at=now,
+        )
+    )
+    request = RefundRequest(
+        refund_id=refund_id,
+        idempotency_key=key,
+        gateway_payment_id=gateway_payment_id,
+        amount=refund.amount,
+        currency=refund.currency,
+        reason=refund.reason,
+    )
+    return Claim("send", gateway, request, sent_before)
+
+
+def send(claim: Claim, now: datetime) -> GatewayRefund:
+    """Step 2: the gateway call. A key the gateway may have forgotten is never re-sent
+    blindly: the refund it may have made is looked up first."""
+    gateway = claim.gateway
+    assert claim.request is not None and gateway is not None
+    if (
+        claim.key_sent_at is not None
+        and gateway.key_ttl is not None
+        and (now - claim.key_sent_at >= gateway.key_ttl - KEY_TTL_MARGIN)
+    ):
+        found = gateway.find_refund(claim.request)
+        if found is not None:
+            return found
+    return gateway.submit_refund(claim.request)
+
+
+def record_outcome(
+    session: Session,
+    refund_id: int,
+    key: str,
+    result: GatewayRefund,
+    now: datetime,
+    actor: str,
+) -> str:
+    """Step 3, success: attach the gateway's refund and move the row to the status it maps to."""
+    session.execute(
+        update(Refund)
+        .where(Refund.id == refund_id, Refund.idempotency_key == key)
+        .values(
+            gateway_refund_id=result.id,
+            in_flight_until=None,
+            last_error=None if result.status != "FAILED" else f"gateway says {result.raw_status}",
+        )
+    )
+    transition(
+        session,
+        "refunds",
+        refund_id,
+        result.status,
+        actor=actor,
+        reason=f"gateway refund {result.id} is {result.raw_status}",
+        now=now,
+    )
+    return result.status
+
+
+def record_error(
+    session: Session, refund_id: int, error: Exception, now: datetime, actor: str
+) -> None:
+    """Step 3, failure: release the lease and keep the error. A permanent refusal fails the
+    attempt (the retry job may start a new one, with a new key); anything else keeps the row
+    PENDING with its key, to be sent again."""
+    session.execute(
+        update(Refund)
+        .where(Refund.id == refund_id)
+        .values(in_flight_until=None, last_error=one_line(error)[:2000], updated_at=now)
+    )
+    if isinstance(error, GatewayPermanent):
+        transition(
+            session,
+            "refunds",
+            refund_id,
+            "FAILED",
+            actor=actor,
+            reason=one_line(error)[:500],
+            now=now,
+        )
+
+
+def submit_refund(
+    session: Session,
+    refund_id: int,
+    clock: Callable[[], datetime],
+    gateway_for: GatewayFor,
+    *,
+    lease: timedelta,
+    actor: str = "refunds.submit",
+) -> str:
+    """Send one PENDING refund to its gateway, at most once at the gateway. Commits between
+    the steps; returns the outcome (the new status, or why nothing was sent). Transient
+    failures are re-raised after they are recorded, for the caller to retry."""
+    claim = claim_attempt(session, refund_id, clock(), lease, gateway_for)
+    session.commit()
+    if claim.request is None:
+        return claim.outcome
+    try:
+        result = send(claim, clock())
+    except (GatewayTransient, OutcomeUnknown, GatewayPermanent) as error:
+        record_error(session, refund_id, error, clock(), actor)
+        session.commit()
+        if isinstance(error, GatewayPermanent):
+            log.warning("refund.failed", extra={"refund_id": refund_id, "error": one_line(error)})
+            return "FAILED"
+        raise
+    status = record_outcome(
+        session, refund_id, claim.request.idempotency_key, result, clock(), actor
+    )
+    log.info(
+        "refund.sent",
+        extra={"refund_id": refund_id, "status": status, "gateway_refund_id": result.id},
+    )
+    return status
+
+
+# Two runs of the retry job within this gap never take the same refund on twice.
+RETRY_CLAIM_GAP = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    stuck_after: timedelta  # PROCESSING longer than this: re-check at the gateway
+    pending_after: timedelta  # PENDING longer than this: its submission never finished
+    escalate_after: timedelta  # unresolved longer than this: manual review and an alert
+    max_attempts: int  # attempts (keys) before a FAILED refund goes to manual review
+    batch_size: int = 500
+
+
+@dataclass
+class RetryCounts:
+    checked: int = 0  # PROCESSING refunds sent to be re-checked at the gateway
+    resubmitted: int = 0  # PENDING refunds sent again with their key
+    reattempted: int = 0  # FAILED refunds given a new attempt with a new key
+    escalated: int = 0  # moved to manual review, with an alert
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def retry_stuck_refunds(
+    session: Session,
+    clock: Callable[[], datetime],
+    policy: RetryPolicy,
+    actor: str = "refunds.retry_stuck",
+) -> RetryCounts:
+    """One run of the retry job: escalate what waited too long, then take every due refund on
+    in batches claimed with SKIP LOCKED, and fan the gateway work out as one task per refund
+    (sent after each batch commits). Two runs at once split the refunds between them."""
+    counts = RetryCounts()
+    while True:
+        escalated = escalate_unresolved(session, clock(), policy)
+        session.commit()
+        counts.escalated += len(escalated)
+        if len(escalated) < policy.batch_size:
+            break
+    while True:
+        taken = take_due(session, clock(), policy, actor)
+        session.commit()
+        for status, ids in taken.items():
+            if status == "PROCESSING":
+                counts.checked += len(ids)
+            elif status == "PENDING":
+                counts.resubmitted += len(ids)
+            else:
+                counts.reattempted += len(ids)
+        if sum(map(len, taken.values())) < policy.batch_size:
+            return counts
+
+
+def escalate_unresolved(session: Session, now: datetime, policy: RetryPolicy) -> list[int]:
+    """Flag one batch of refunds for manual review: unresolved past `escalate_after`, or
+    FAILED with no attempts left. Each gets one alert; none is retried automatically again."""
+    open_refund = (Refund.status != "COMPLETED") & Refund.requires_manual_review.is_(False)
+    overdue = (Refund.created_at <= now - policy.escalate_after) | (
+        (Refund.status == "FAILED") & (Refund.attempts >= policy.max_attempts)
+    )
+    rows = session.execute(
+        claim(
+            select(Refund.id, Refund.status, Refund.created_at, Refund.last_error)
+            .where(open_refund, overdue)
+            .order_by(Refund.id),
+            policy.batch_size,
+        )
+    ).all()
+    if not rows:
+        return []
+    session.execute(
+        update(Refund)
+        .where(Refund.id.in_([row.id for row in rows]))
+        .values(requires_manual_review=True, updated_at=now)
+    )
+    for row in rows:
+        raise_alert(
+            session,
+            "refund_manual_review",
+            f"refund {row.id} is {row.status} since {row.created_at.isoformat()}: "
+            "it needs manual review and will not be retried automatically",
+            dedupe=f"refund-manual-review:{row.id}",
+            now=now,
+            refund_id=row.id,
+            status=row.status,
+            last_error=row.last_error or "",
+        )
+    return [row.id for row in rows]
+
+
+def take_due(
+    session: Session, now: datetime, policy: RetryPolicy, actor: str
+) -> dict[str, list[int]]:
+    """Claim one batch of due refunds, mark them taken, start new attempts for FAILED ones,
+    and send their tasks after commit. Returns the ids taken, by their status when taken."""
+    lease_over = Refund.in_flight_until.is_(None) | (Refund.in_flight_until <= now)
+    due = (
+        ((Refund.status == "PROCESSING") & (Refund.updated_at <= now - policy.stuck_after))
+        | (
+            (Refund.status == "PENDING")
+            & (Refund.updated_at <= now - policy.pending_after)
+            & lease_over
+        )
+        | ((Refund.status == "FAILED") & (Refund.attempts < policy.max_attempts))
+    )
+    not_recently = Refund.last_retry_at.is_(None) | (Refund.last_retry_at <= now - RETRY_CLAIM_GAP)
+    rows = session.execute(
+        claim(
+            select(Refund.id, Refund.status, Refund.gateway_refund_id)
+            .where(Refund.requires_manual_review.is_(False), due, not_recently)
+            .order_by(Refund.id),
+            policy.batch_size,
+        )
+    ).all()
+    taken: dict[str, list[int]] = {"PROCESSING": [], "PENDING": [], "FAILED": []}
+    if not rows:
+        return taken
+    session.execute(
+        update(Refund).where(Refund.id.in_([row.id for row in rows])).values(last_retry_at=now)
+    )
+    for row in rows:
+        taken[row.status].append(row.id)
+        if row.status == "FAILED":
+            transition(
+                session,
+                "refunds",
+                row.id,
+                "PENDING",
+                actor=actor,
+                now=now,
+                reason=f"new attempt after gateway refund {row.gateway_refund_id or '-'} failed",
+                values={
+                    "idempotency_key": new_key(row.id),
+                    "key_sent_at": None,
+                    "gateway_refund_id": None,
+                },
+            )
+    for refund_id in taken["PROCESSING"]:
+        enqueue_after_commit(session, "refunds.check", {"refund_id": refund_id})
+    for refund_id in taken["PENDING"] + taken["FAILED"]:
+        enqueue_after_commit(session, "refunds.submit", {"refund_id": refund_id})
+    return taken
+
+
+def check_refund(
+    session: Session,
+    refund_id: int,
+    now: datetime,
+    gateway_for: GatewayFor,
+    actor: str = "refunds.check",
+) -> str:
+    """Ask the gateway about a PROCESSING refund and move it on if the gateway has a final
+    answer. Returns the refund's status afterwards."""
+    row = session.execute(
+        select(Refund, Payment.gateway, Payment.gateway_payment_id)
+        .join(Payment, Payment.id == Refund.payment_id)
+        .where(Refund.id == refund_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"refunds {refund_id} does not exist")
+    refund, gateway_name, gateway_payment_id = row
+    if refund.status != "PROCESSING" or refund.requires_manual_review:
+        return refund.status
+    gateway = gateway_for(gateway_name)
+    if refund.gateway_refund_id:
+        result = gateway.fetch_refund(gateway_payment_id, refund.gateway_refund_id)
+    else:
+        result = gateway.find_refund(
+            RefundRequest(
+                refund_id=refund_id,
+                idempotency_key=refund.idempotency_key or "",
+                gateway_payment_id=gateway_payment_id,
+                amount=refund.amount,
+                currency=refund.currency,
+                reason=refund.reason,
+            )
+        )
+        if result is None:
+            return refund.status  # left to escalation: the gateway has no such refund
+    if result.status == "PROCESSING":
+        return refund.status
+    return record_outcome(session, refund_id, refund.idempotency_key or "", result, now, actor)
