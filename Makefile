@@ -22,12 +22,25 @@ redis-server:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# `make run` points both gateways at the local simulator unless real (test) keys are set in
+# the environment: then it talks to Razorpay and Stripe and starts no simulator.
+SIMULATOR := http://127.0.0.1:8765
+ifeq ($(RAZORPAY_KEY_ID)$(STRIPE_API_KEY),)
+run: export RAZORPAY_KEY_ID := rzp_test_sim
+run: export RAZORPAY_KEY_SECRET := sim_secret
+run: export RAZORPAY_BASE_URL := $(SIMULATOR)
+run: export STRIPE_API_KEY := sk_test_sim
+run: export STRIPE_API_BASE := $(SIMULATOR)
+run: PROCESSES := simulator: backstop simulator --port 8765 --demo
+endif
+
 run: install
 	$(VENV)/bin/backstop demo prune-broker
 	$(VENV)/bin/backstop db upgrade
 	$(VENV)/bin/backstop demo seed
+	@mkdir -p var && { cat Procfile; echo "$(PROCESSES)"; } > var/Procfile.run
 	@# Ctrl-C stops every process; honcho then exits 130, which is the normal way out here.
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/honcho start -f Procfile || [ $$? -eq 130 ]
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/honcho start -f var/Procfile.run || [ $$? -eq 130 ]
 
 lint: install
 	$(VENV)/bin/ruff check .

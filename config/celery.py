@@ -8,10 +8,15 @@ from config.settings import VAR_DIR, Settings
 
 QUEUES = ("critical", "default", "notifications", "batch")
 
-# The longest countdown any task asks for. Redis re-delivers an unacked message after the
-# visibility timeout, so every countdown and ETA must stay well below it.
-MAX_COUNTDOWN_SECONDS = 900
-VISIBILITY_TIMEOUT_SECONDS = 2 * 3600
+# Redis re-delivers an unacked message after the visibility timeout, and a task waiting for
+# its countdown is unacked, so every countdown and ETA stays below half of it, and below this.
+COUNTDOWN_CEILING_SECONDS = 900
+
+
+def max_countdown(settings: Settings) -> float:
+    """The longest countdown any task may ask for."""
+    return min(COUNTDOWN_CEILING_SECONDS, settings.BROKER_VISIBILITY_TIMEOUT_SECONDS / 2)
+
 
 # Routes by task-name prefix; a task may still name its queue explicitly.
 ROUTES = {
@@ -37,10 +42,16 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
             "control_folder": str(folder / "control"),
             "polling_interval": 0.2,
         }
+    visibility = settings.BROKER_VISIBILITY_TIMEOUT_SECONDS
     return {
-        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
-        # Redis: a countdown task stays in the worker's memory; a priority-less fair split.
-        "queue_order_strategy": "priority",
+        "visibility_timeout": visibility,
+        # kombu looks for messages a killed worker took, and gives them back, only every
+        # interval x throttle seconds (100 s by default) once they are past the visibility
+        # timeout: scan every interval instead, and never let a dead restorer's lock block
+        # the others for longer than the timeout itself.
+        "unacked_restore_interval": max(1, min(10, visibility // 8)),
+        "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": min(300, visibility),
     }
 
 

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Gateway calls: timeout of one HTTP request; attempts (new keys) after a FAILED refund.
     GATEWAY_TIMEOUT_SECONDS: Annotated[float, Field(gt=0, le=60)] = 10.0
     REFUND_MAX_ATTEMPTS: PositiveInt = 3
+    # A gateway's circuit opens after this many failures in a row, for this long.
+    BREAKER_FAIL_MAX: PositiveInt = 5
+    BREAKER_RESET_SECONDS: Annotated[float, Field(gt=0)] = 30.0
     REFUND_STUCK_AFTER_SECONDS: PositiveInt = 3600
     # A PENDING refund older than this never finished its submission: the retry job resends it.
     REFUND_PENDING_AFTER_SECONDS: PositiveInt = 600
@@ -104,6 +107,9 @@ class Settings(BaseSettings):
     TASK_MAX_RETRIES: Annotated[int, Field(ge=0)] = 8
     TASK_RETRY_BASE_SECONDS: Annotated[float, Field(gt=0)] = 2.0
     TASK_RETRY_MAX_SECONDS: PositiveInt = 600
+    # How long Redis waits before re-delivering a message a worker took but never acked (it
+    # was killed). Countdowns are capped at half of it; lower it only to test redelivery.
+    BROKER_VISIBILITY_TIMEOUT_SECONDS: Annotated[int, Field(ge=4)] = 7200
     # Per-session Postgres timeouts (milliseconds).
     DB_LOCK_TIMEOUT_MS: PositiveInt = 5_000
     DB_STATEMENT_TIMEOUT_MS: PositiveInt = 60_000

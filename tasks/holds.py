@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from config import get_settings
-from config.celery import MAX_COUNTDOWN_SECONDS
+from config.celery import max_countdown
 from workers.base import TaskContext, task, utcnow
 from workers.holds import expire_hold, notify_expired, sweep_expired_holds
 from workers.jobs import record_heartbeat
@@ -24,7 +24,7 @@ def expire(ctx: TaskContext, payload: ExpireHold) -> str:
         ctx.enqueue(
             "holds.expire",
             {"hold_id": payload.hold_id},
-            countdown=min(max(wait, 0.0), MAX_COUNTDOWN_SECONDS),
+            countdown=min(max(wait, 0.0), max_countdown(get_settings())),
         )
     log.info("hold.%s", outcome.result, extra={"hold_id": payload.hold_id})
     return outcome.result

@@ -19,11 +19,11 @@ from celery.exceptions import Retry
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from config.celery import MAX_COUNTDOWN_SECONDS
+from config.celery import max_countdown
 from workers.db import session_scope
 from workers.dlq import record_dead_letter
-from workers.enqueue import enqueue_after_commit
-from workers.errors import Classification, PayloadError, classify, one_line
+from workers.enqueue import enqueue_after_commit, send
+from workers.errors import Classification, Defer, PayloadError, classify, one_line
 from workers.payloads import Payload, validate
 from workers.retry import backoff_delay
 
@@ -67,6 +67,11 @@ class BackstopTask(Task):  # type: ignore[misc]
                 return self.body(ctx) if payload is None else self.body(ctx, payload)
         except Retry:
             raise
+        except Defer as later:
+            countdown = min(max(later.seconds, 1.0), max_countdown(get_settings()))
+            log.info("task.deferred", extra={"reason": str(later), "countdown": round(countdown)})
+            send(self.name, dict(kwargs), countdown=countdown)
+            return "deferred"
         except Exception as exc:
             self.handle_error(exc, args, kwargs)
             raise
@@ -131,7 +136,7 @@ class BackstopTask(Task):  # type: ignore[misc]
     @staticmethod
     def retry_countdown(retries: int) -> float:
         settings = get_settings()
-        cap = min(settings.TASK_RETRY_MAX_SECONDS, MAX_COUNTDOWN_SECONDS)
+        cap = min(settings.TASK_RETRY_MAX_SECONDS, max_countdown(settings))
         return backoff_delay(retries, settings.TASK_RETRY_BASE_SECONDS, cap)
 
 

@@ -38,7 +38,8 @@ def db_upgrade(revision: str) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
-def simulator(host: str, port: int) -> None:
+@click.option("--demo", is_flag=True, help="Start with the payments and faults of `make run`.")
+def simulator(host: str, port: int, demo: bool) -> None:
     """Run the local Razorpay/Stripe simulator (point RAZORPAY_BASE_URL/STRIPE_API_BASE at it).
 
     It accepts the credentials in RAZORPAY_KEY_ID/RAZORPAY_KEY_SECRET/STRIPE_API_KEY, or its
@@ -54,8 +55,35 @@ def simulator(host: str, port: int) -> None:
         credentials["razorpay_key_secret"] = settings.RAZORPAY_KEY_SECRET.get_secret_value()
     if settings.STRIPE_API_KEY:
         credentials["stripe_api_key"] = settings.STRIPE_API_KEY.get_secret_value()
-    click.echo(f"gateway simulator on http://{host}:{port}", err=True)
-    serve(host, port, **credentials)
+    if demo:
+        from workers.demo import seed_simulator
+
+        serve(host, port, setup=seed_simulator, **credentials)
+    else:
+        serve(host, port, **credentials)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def health(as_json: bool) -> None:
+    """Check database, broker, gateways, schedules and dead letters.
+
+    Exits 0 when healthy, 1 when degraded, 2 when unhealthy (usable as a container check).
+    """
+    from config import get_settings
+    from workers import health as checks
+    from workers.base import utcnow
+
+    results = checks.run_checks(get_settings(), utcnow())
+    status = checks.overall(results)
+    if as_json:
+        click.echo(json.dumps(checks.as_json(results)))
+    else:
+        width = max(len(check.name) for check in results)
+        for check in results:
+            click.echo(f"{check.name:<{width}}  {check.status:<9}  {check.detail}")
+        click.echo(f"{'overall':<{width}}  {status}")
+    sys.exit(checks.LEVELS[status])
 
 
 @main.group()
@@ -66,17 +94,25 @@ def demo() -> None:
 @demo.command("seed")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo_seed(as_json: bool) -> None:
-    """Seed demo holds into an empty database (does nothing otherwise)."""
+    """Seed demo holds and refunds into an empty database (does nothing otherwise)."""
     from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
     from workers.base import utcnow
     from workers.db import session_scope
-    from workers.demo import seed
+    from workers.demo import seed, seed_refunds
 
     with session_scope() as session:
         ids = seed(session, utcnow())
+        refunds = seed_refunds(session, utcnow())
     if as_json:
-        click.echo(json.dumps({"seeded_holds": ids}))
-    elif ids:
+        click.echo(json.dumps({"seeded_holds": ids, "seeded_refunds": refunds}))
+        return
+    if refunds:
+        click.echo(
+            f"demo: seeded {len(refunds)} refunds (Razorpay and Stripe, on the local "
+            "simulator); each fails once and is retried to completion",
+            err=True,
+        )
+    if ids:
         click.echo(
             f"demo: seeded {len(ids)} holds expiring over the next minute "
             f"(ids {ids[0]}..{ids[-1]}); watch them expire here and on "

@@ -9,9 +9,11 @@ from pathlib import Path
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from config import get_settings
 from config.celery import QUEUES
 from workers.enqueue import enqueue_after_commit
-from workers.models import BookingHold
+from workers.gateways.simulator import SimulatorState
+from workers.models import BookingHold, Payment, Refund
 
 
 def seed(session: Session, now: datetime, *, holds: int = 24) -> list[int]:
@@ -65,3 +67,59 @@ def prune_embedded_broker(folder: Path) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# The demo's payments, known to the simulator `make run` starts and to the demo's refund rows.
+DEMO_PAYMENTS = (
+    ("razorpay", "pay_DemoBooking0001", 250_000, "INR", "captured"),
+    ("stripe", "pi_DemoBooking0001", 4_900, "USD", "succeeded"),
+)
+
+
+def seed_simulator(state: SimulatorState) -> None:
+    """The demo's gateway side: its payments, and one failure each for the first refund calls:
+    Razorpay answers 503 (nothing happened), Stripe makes the refund but the response is lost
+    (the worker times out). Both are retried with the same key and made exactly once."""
+    for gateway, payment_id, amount, currency, status in DEMO_PAYMENTS:
+        state.add_payment(gateway, id=payment_id, amount=amount, currency=currency, status=status)
+    state.add_fault("razorpay.refund.create", "503", remaining=1)
+    state.add_fault(
+        "stripe.refund.create",
+        "lost",
+        remaining=1,
+        hang_seconds=get_settings().GATEWAY_TIMEOUT_SECONDS + 1,
+    )
+
+
+def seed_refunds(session: Session, now: datetime) -> list[int]:
+    """One refund per demo payment, submitted as the booking service would; nothing if the
+    database already has refunds. The first try of each fails, and the retry completes it."""
+    if session.scalar(select(func.count()).select_from(Refund)):
+        return []
+    ids = []
+    for gateway, payment_id, amount, currency, _ in DEMO_PAYMENTS:
+        payment = session.execute(
+            insert(Payment)
+            .values(
+                gateway=gateway,
+                gateway_payment_id=payment_id,
+                amount=amount,
+                currency=currency,
+                status="COMPLETED",
+            )
+            .returning(Payment.id)
+        ).scalar_one()
+        refund = session.execute(
+            insert(Refund)
+            .values(
+                payment_id=payment,
+                amount=amount // 2,
+                currency=currency,
+                reason="demo: booking cancelled",
+            )
+            .returning(Refund.id)
+        ).scalar_one()
+        # A few seconds, so the simulator `make run` starts is listening by then.
+        enqueue_after_commit(session, "refunds.submit", {"refund_id": refund}, countdown=8)
+        ids.append(refund)
+    return ids

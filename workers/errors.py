@@ -32,6 +32,15 @@ class TransientError(BackstopError):
     classification = Classification.TRANSIENT
 
 
+class Defer(Exception):
+    """Run this task again in `seconds`, as a fresh message that spends no retry: the work
+    cannot start yet (a gateway's circuit breaker is open) and nothing was done."""
+
+    def __init__(self, seconds: float, reason: str) -> None:
+        super().__init__(reason)
+        self.seconds = seconds
+
+
 class PayloadError(PermanentError):
     """A task payload failed validation; the message names the field."""
 

@@ -64,5 +64,7 @@ def configure(level: int | str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # celery.worker.strategy logs every message body at INFO; task start and end are enough.
-    for noisy in ("sqlalchemy.engine", "amqp", "kombu", "celery.worker.strategy"):
+    for noisy in ("sqlalchemy.engine", "amqp", "kombu", "celery.worker.strategy", "stripe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "No hostname was supplied" for every connection to the embedded filesystem:// broker.
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)

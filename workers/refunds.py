@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from workers.alerts import raise_alert
 from workers.db import claim, transition
 from workers.enqueue import enqueue_after_commit
-from workers.errors import NotFound, PermanentError, TransientError, one_line
+from workers.errors import Defer, NotFound, PermanentError, TransientError, one_line
 from workers.gateways.base import (
     Gateway,
     GatewayPermanent,
@@ -54,6 +54,14 @@ class Claim:
     gateway: Gateway | None = None
     request: RefundRequest | None = None
     key_sent_at: datetime | None = None  # when this key was first sent, before this attempt
+
+
+def defer_while_open(gateway: Gateway) -> None:
+    """Nothing is claimed or sent while the gateway's breaker is open: come back after it."""
+    open_for = getattr(gateway, "open_for", None)
+    seconds = open_for() if open_for else 0.0
+    if seconds > 0:
+        raise Defer(seconds, f"{gateway.name} circuit breaker is open")
 
 
 def new_key(refund_id: int) -> str:
@@ -94,6 +102,7 @@ def claim_attempt(
             f"refunds {refund_id}: payment {refund.payment_id} has no gateway_payment_id to refund"
         )
     gateway = gateway_for(gateway_name)
+    defer_while_open(gateway)
     sent_before = refund.key_sent_at
     key = refund.idempotency_key or new_key(refund_id)
     session.execute(
@@ -388,6 +397,7 @@ def check_refund(
     if refund.status != "PROCESSING" or refund.requires_manual_review:
         return refund.status
     gateway = gateway_for(gateway_name)
+    defer_while_open(gateway)
     if refund.gateway_refund_id:
         result = gateway.fetch_refund(gateway_payment_id, refund.gateway_refund_id)
     else:

@@ -74,3 +74,22 @@ def test_refunds_submit_by_name_survives_transient_faults_and_is_made_once(
     effects = sim.effects()
     assert effects["refunds_created"] == 2 and effects["duplicates"] == []
     assert worker.output().count("task.retry") >= 2
+
+
+def test_an_open_breaker_defers_the_task_without_spending_a_retry(
+    committed: Engine,
+    start_worker: Callable[..., Proc],
+    simulator_server: Any,
+    sim: Any,
+    redis: Any,
+) -> None:
+    from workers.gateways.breaker import make_breaker
+
+    worker = start_worker(**worker_env(simulator_server, sim), BREAKER_RESET_SECONDS="3")
+    make_breaker("stripe", fail_max=5, reset_seconds=3, redis=redis).open()  # shared state
+    refund_id = add_refund(sim, "stripe", "USD", "succeeded")
+    app.send_task("refunds.submit", kwargs={"refund_id": refund_id})
+    wait_until(lambda: status(refund_id) == "COMPLETED", timeout=30)
+    log = worker.output()
+    assert "task.deferred" in log and "task.retry" not in log
+    assert sim.stats()["requests"]["stripe.refund.create"] == 1

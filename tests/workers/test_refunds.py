@@ -384,3 +384,23 @@ def test_unresolved_refunds_escalate_once_with_an_alert(
         ).all()
     assert len(alerts) == 1 and alerts[0].dedupe_key == f"alert:refund-manual-review:{old}"
     assert queued(redis) == []  # not retried automatically any more
+
+
+def test_an_open_breaker_defers_without_claiming_or_sending(
+    committed: Engine, sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    from workers.errors import Defer
+    from workers.gateways.breaker import GuardedGateway, make_breaker
+
+    breaker = make_breaker("stripe", fail_max=1, reset_seconds=60, redis=redis)
+    guarded = {"stripe": GuardedGateway(gateways["stripe"], breaker)}
+    breaker.open()
+    refund_id = add_refund(sim, "stripe")
+    with pytest.raises(Defer) as deferred:
+        submit(refund_id, guarded)
+    assert 50 < deferred.value.seconds <= 60
+    row = refund(refund_id)
+    assert (row.status, row.idempotency_key, row.attempts) == ("PENDING", None, 0)
+    assert sim.stats()["requests"].get("stripe.refund.create", 0) == 0
+    breaker.close()
+    assert submit(refund_id, guarded) == "COMPLETED"

@@ -20,6 +20,10 @@ class GatewayTransient(TransientError):
     """The gateway did not act (connection refused, 429, 5xx): retry with the same key."""
 
 
+class CircuitOpen(GatewayTransient):
+    """The gateway's circuit breaker is open: nothing was sent."""
+
+
 class GatewayPermanent(PermanentError):
     """The gateway refused the request (bad request, auth, idempotency mismatch)."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from config import get_settings
+from config import Settings, get_settings
 from workers.gateways.base import Gateway, GatewayPermanent
+from workers.gateways.breaker import GuardedGateway, make_breaker
 from workers.gateways.razorpay import RazorpayGateway
 from workers.gateways.stripe import StripeGateway
 
@@ -23,6 +25,25 @@ def get_gateway(name: str) -> Gateway:
 
 def _build(name: str) -> Gateway:
     settings = get_settings()
+    adapter = _adapter(name, settings)  # first: a gateway without credentials says so
+    breaker = make_breaker(
+        name,
+        fail_max=settings.BREAKER_FAIL_MAX,
+        reset_seconds=settings.BREAKER_RESET_SECONDS,
+        redis=_redis(settings),
+    )
+    return GuardedGateway(adapter, breaker)
+
+
+def _redis(settings: Settings) -> Any | None:
+    if not settings.BROKER_URL.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    return redis.Redis.from_url(settings.BROKER_URL, socket_timeout=5, socket_connect_timeout=5)
+
+
+def _adapter(name: str, settings: Settings) -> Gateway:
     timeout = settings.GATEWAY_TIMEOUT_SECONDS
     if name == "razorpay":
         if not (settings.RAZORPAY_KEY_ID and settings.RAZORPAY_KEY_SECRET):
@@ -47,3 +68,17 @@ def _build(name: str) -> Gateway:
 def forget_gateways() -> None:
     """Drop the adapters (after settings change in tests)."""
     _cache.clear()
+
+
+def breaker_states() -> dict[str, str]:
+    """The breaker state of every configured gateway (closed, open or half-open)."""
+    states = {}
+    for name in ("razorpay", "stripe"):
+        try:
+            gateway = get_gateway(name)
+            states[name] = gateway.state() if isinstance(gateway, GuardedGateway) else "n/a"
+        except GatewayPermanent:
+            states[name] = "not configured"
+        except Exception as exc:  # the breaker's Redis is unreachable
+            states[name] = f"unknown ({type(exc).__name__}: {exc})"[:200]
+    return states

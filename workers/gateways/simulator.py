@@ -1227,14 +1227,17 @@ def serve(
     razorpay_key_id: str = "rzp_test_sim",
     razorpay_key_secret: str = "sim_secret",
     stripe_api_key: str = "sk_test_sim",
+    setup: Callable[[SimulatorState], object] | None = None,
 ) -> None:
-    """Run the simulator in the foreground until interrupted."""
+    """Run the simulator in the foreground until interrupted; `setup` prepares its state."""
     _quiet_access_log()
     state = SimulatorState(
         razorpay_key_id=razorpay_key_id,
         razorpay_key_secret=razorpay_key_secret,
         stripe_api_key=stripe_api_key,
     )
+    if setup is not None:
+        setup(state)
     server = make_server(host, port, create_app(state), threaded=True)
     print(
         f"gateway simulator on http://{host}:{server.server_port} (control API under /_sim/)",

@@ -1,0 +1,531 @@
+"""Refund retry benchmark: one retry cycle over a backlog of stuck refunds, on a real
+PostgreSQL, Redis and Celery, against the gateway simulator with 20 ms on every call.
+
+Setup: N refunds stuck PROCESSING for 2 hours, half Razorpay and half Stripe, each pointing at a
+refund the simulator made `pending` and has since settled (processed / succeeded), so every
+re-check finds a final answer. Rows go in with set-based SQL; the database is reloaded,
+vacuumed and checkpointed before every run, and Redis (queues, breaker state) flushed.
+
+1. Ours: `refunds.retry_stuck` sent by name, as beat sends it, to real worker(s) consuming
+   `critical`. It claims the due refunds in batches (SKIP LOCKED) and fans out one `refunds.check`
+   per refund; the cycle ends when every refund is COMPLETED. Run once per worker shape:
+   - procfile: the product's `worker` line (prefork, concurrency = CPU count, prefetch 1, -O fair);
+   - the other shapes listed in SHAPES, for an I/O-bound queue on a small machine.
+2. Baseline: the sequential loop, one process, one refund at a time: `get_gateway(...)
+   .fetch_refund`, then the audited transition and a commit; on a subset, extrapolated.
+
+Targets: ours <= 60 s for the full backlog, and ours >= 10x the baseline's refunds/s.
+The simulator must see exactly one refund fetch per refund per run, and no refund created.
+
+The simulator runs in this process (a threaded werkzeug server, its own threads); its CPU is
+shown beside the workers', Postgres' and Redis', because on 2 cores they all share them.
+
+Run it with `make bench` (which starts a private PostgreSQL and Redis for it):
+
+    .venv/bin/python -m tests.services -- .venv/bin/python bench/refunds.py [--quick] [--json]
+
+`--quick` shrinks every size for a smoke run; `--shape NAME` (repeatable) runs only those worker
+shapes; `--json` also prints the results as one JSON object on the last line. A missed target
+prints FAIL but the exit code stays 0: this is a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
+
+from tests import processes  # noqa: E402
+from tests.processes import Proc  # noqa: E402
+
+LATENCY_MS = 20
+TARGET_SECONDS = 60.0
+TARGET_RATIO = 10.0
+CURRENCY = {"razorpay": "INR", "stripe": "usd"}
+CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
+SETTLED = {"razorpay": "processed", "stripe": "succeeded"}
+FETCHES = ("razorpay.refund.fetch", "stripe.refund.fetch")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A way to run the worker(s) for the critical queue."""
+
+    label: str
+    pool: str  # prefork or threads
+    concurrency: int
+    processes: int = 1
+    procfile: bool = False  # the Procfile's `worker` line: its queues and options
+
+    def args(self) -> list[str]:
+        extra = ["-P", self.pool]
+        if self.procfile:
+            extra += ["--prefetch-multiplier=1", "-O", "fair"]
+        return extra
+
+
+CPUS = os.cpu_count() or 1
+SHAPES = {
+    "procfile": Shape(f"Procfile: prefork -c {CPUS}", "prefork", CPUS, procfile=True),
+    "threads32": Shape("threads -c 32", "threads", 32),
+    "threads16x2": Shape("2 x threads -c 16", "threads", 16, processes=2),
+    "prefork16": Shape("prefork -c 16", "prefork", 16),
+    "prefork32": Shape("prefork -c 32", "prefork", 32),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    refunds: int
+    baseline: int  # refunds the sequential loop runs on
+    shapes: tuple[str, ...]
+    timeout: float  # per run of ours
+
+
+FULL = Sizes(refunds=10_000, baseline=1_000, shapes=tuple(SHAPES), timeout=600.0)
+QUICK = Sizes(refunds=1_000, baseline=200, shapes=("procfile", "prefork16"), timeout=180.0)
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the simulator holds, index i for our refund id i + 1."""
+
+    gateways: list[str]
+    payment_ids: list[str]
+    refund_ids: list[str]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.refund_ids)
+
+
+def seed_simulator(state: Any, n: int) -> Backlog:
+    """n captured payments and one refund each, made pending and then settled at the gateway.
+    The refunds are made under the simulator's lock with its own constructor (there is no bulk
+    endpoint for them); each carries our reference, as the adapters write it."""
+    gateways = ["razorpay" if i % 2 == 0 else "stripe" for i in range(n)]
+    payment_ids = [
+        f"pay_bench{i + 1:010d}" if gw == "razorpay" else f"pi_bench{i + 1:020d}"
+        for i, gw in enumerate(gateways)
+    ]
+    keys = [f"bkr-{i + 1}-bench0000000000" for i in range(n)]
+    for gw in CURRENCY:
+        state.set_refund_outcome(gw, "pending")
+        state.add_payments(
+            gw,
+            [
+                {"id": pid, "amount": 10_000, "currency": CURRENCY[gw], "status": CAPTURED[gw]}
+                for pid, g in zip(payment_ids, gateways, strict=True)
+                if g == gw
+            ],
+        )
+    refund_ids = []
+    with state._lock:
+        for i, (gw, pid) in enumerate(zip(gateways, payment_ids, strict=True)):
+            payment = state._payments[gw][pid]
+            notes = {"backstop_refund_id": str(i + 1), "backstop_idempotency_key": keys[i]}
+            refund = state._create_refund(
+                gw, payment, 2_500, notes=notes, receipt=f"refund-{i + 1}", reason=None, key=keys[i]
+            )
+            refund_ids.append(refund.id)
+    for refund_id, gw in zip(refund_ids, gateways, strict=True):
+        state.settle_refund(refund_id, SETTLED[gw])
+    return Backlog(gateways, payment_ids, refund_ids, keys)
+
+
+PAYMENTS_SQL = """
+INSERT INTO payments (id, gateway, gateway_payment_id, amount, currency, status,
+                      created_at, updated_at)
+SELECT n, gw, pid, 10000, upper(cur), 'COMPLETED', now() - interval '3 hours',
+       now() - interval '3 hours'
+FROM unnest(CAST(:gateways AS text[]), CAST(:payment_ids AS text[]), CAST(:currencies AS text[]))
+     WITH ORDINALITY AS t(gw, pid, cur, n)
+"""
+REFUNDS_SQL = """
+INSERT INTO refunds (id, payment_id, amount, currency, reason, status, idempotency_key,
+                     gateway_refund_id, attempts, key_sent_at, created_at, updated_at)
+SELECT n, n, 2500, upper(cur), 'booking cancelled', 'PROCESSING', key, rid, 1,
+       now() - interval '2 hours', now() - interval '2 hours', now() - interval '2 hours'
+FROM unnest(CAST(:refund_ids AS text[]), CAST(:keys AS text[]), CAST(:currencies AS text[]))
+     WITH ORDINALITY AS t(rid, key, cur, n)
+"""
+
+
+def load_backlog(engine: Engine, broker: redis.Redis, backlog: Backlog) -> None:
+    """The identical starting point for every run: only the stuck refunds, vacuumed and
+    analyzed, checkpointed; no queued messages and a closed breaker."""
+    currencies = [CURRENCY[gw] for gw in backlog.gateways]
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "TRUNCATE refunds, payments, state_transitions, job_runs, notifications "
+                "RESTART IDENTITY CASCADE"
+            )
+        )
+        conn.execute(
+            text(PAYMENTS_SQL),
+            {
+                "gateways": backlog.gateways,
+                "payment_ids": backlog.payment_ids,
+                "currencies": currencies,
+            },
+        )
+        conn.execute(
+            text(REFUNDS_SQL),
+            {"refund_ids": backlog.refund_ids, "keys": backlog.keys, "currencies": currencies},
+        )
+        for table in ("payments", "refunds"):
+            conn.execute(
+                text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), :n)"),
+                {"n": len(backlog)},
+            )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE payments, refunds"))
+        conn.execute(text("CHECKPOINT"))
+    broker.flushdb()
+
+
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def completed(engine: Engine) -> int:
+    return int(scalar(engine, "SELECT count(*) FROM refunds WHERE status = 'COMPLETED'"))
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+
+
+def cpu_snapshot(workers: list[Proc]) -> dict[str, float]:
+    """CPU seconds used so far, by part: our workers (every process in their groups), Postgres,
+    Redis, this process (the bench and the simulator's threads), and the whole machine."""
+    groups = {proc.popen.pid for proc in workers}
+    used = {"workers": 0.0, "postgres": 0.0, "redis": 0.0}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                raw = stat.read()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        if int(fields[2]) in groups:
+            used["workers"] += seconds
+        elif comm.startswith("postgres"):
+            used["postgres"] += seconds
+        elif comm.startswith("redis"):
+            used["redis"] += seconds
+    times = os.times()
+    used["bench"] = times.user + times.system
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:]]
+    used["machine_busy"] = (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK
+    used["machine_total"] = sum(ticks) / CLK_TCK
+    used["main_thread"] = time.thread_time()
+    return used
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    delta = {key: after[key] - before[key] for key in before}
+    # This process less its main thread (which only polls): the simulator's threads.
+    delta["simulator"] = delta.pop("bench") - delta.pop("main_thread")
+    delta["utilization"] = delta.pop("machine_busy") / max(delta.pop("machine_total"), 1e-9)
+    return delta
+
+
+# -- ours -------------------------------------------------------------------------------------
+
+
+def worker_env(server: Any) -> dict[str, str]:
+    state = server.state
+    return {
+        **os.environ,
+        "RAZORPAY_KEY_ID": state.razorpay_key_id,
+        "RAZORPAY_KEY_SECRET": state.razorpay_key_secret,
+        "RAZORPAY_BASE_URL": server.url,
+        "STRIPE_API_KEY": state.stripe_api_key,
+        "STRIPE_API_BASE": server.url,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_workers(shape: Shape, env: dict[str, str], logs: Path, tag: str) -> list[Proc]:
+    queues = "critical,default,notifications" if shape.procfile else "critical"
+    started = []
+    try:
+        for index in range(shape.processes):
+            name = f"bench-{tag}-{index}"
+            started.append(
+                processes.worker(
+                    name,
+                    env,
+                    logs / f"{name}.log",
+                    *shape.args(),
+                    queues=queues,
+                    concurrency=shape.concurrency,
+                )
+            )
+    except BaseException:
+        for proc in started:
+            proc.stop()
+        raise
+    return started
+
+
+def fetches(state: Any) -> dict[str, int]:
+    return dict(state.stats()["requests"])
+
+
+def run_ours(
+    engine: Engine,
+    broker: redis.Redis,
+    server: Any,
+    backlog: Backlog,
+    shape: Shape,
+    sizes: Sizes,
+    logs: Path,
+    tag: str,
+) -> dict[str, Any]:
+    from workers.enqueue import send
+
+    n = len(backlog)
+    load_backlog(engine, broker, backlog)
+    workers = start_workers(shape, worker_env(server), logs, tag)
+    requests_before = fetches(server.state)
+    try:
+        cpu_before = cpu_snapshot(workers)
+        started = time.perf_counter()
+        send("refunds.retry_stuck", {})
+        deadline = time.monotonic() + sizes.timeout
+        done = 0
+        first_done = None
+        while True:
+            done = completed(engine)
+            if done and first_done is None:
+                first_done = time.perf_counter() - started
+            if done >= n or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        seconds = time.perf_counter() - started
+        cpu = cpu_delta(cpu_before, cpu_snapshot(workers))
+    finally:
+        for proc in workers:
+            proc.stop()
+    requests = {
+        key: value - requests_before.get(key, 0)
+        for key, value in fetches(server.state).items()
+        if value - requests_before.get(key, 0)
+    }
+    with engine.connect() as conn:
+        fanout = conn.execute(
+            text(
+                "SELECT extract(epoch FROM finished_at - started_at)::float8, counts "
+                "FROM job_runs WHERE job_name = 'refunds.retry_stuck'"
+            )
+        ).first()
+        audit = conn.execute(text("SELECT count(*) FROM state_transitions")).scalar()
+    broker.flushdb()
+    return {
+        "shape": shape.label,
+        "refunds": n,
+        "completed": done,
+        "finished": done >= n,
+        "seconds": round(seconds, 3),
+        "refunds_per_s": round(done / seconds, 1),
+        "first_completed_s": None if first_done is None else round(first_done, 3),
+        "fanout_s": None if fanout is None else round(fanout[0], 3),
+        "fanout_counts": None if fanout is None else fanout[1],
+        "audit_rows": audit,
+        "requests": requests,
+        "cpu_s": {key: round(value, 2) for key, value in cpu.items()},
+    }
+
+
+# -- baseline ---------------------------------------------------------------------------------
+
+
+def run_baseline(engine: Engine, broker: redis.Redis, backlog: Backlog, n: int) -> dict[str, Any]:
+    """The sequential loop: read the stuck refunds, then for each ask its gateway and move the
+    row (audited), one commit per refund. Wall and own-thread CPU per step are kept."""
+    from sqlalchemy import select
+
+    from workers.base import utcnow
+    from workers.db import new_session, transition
+    from workers.gateways.registry import forget_gateways, get_gateway
+    from workers.models import Payment, Refund
+
+    load_backlog(engine, broker, backlog)
+    forget_gateways()
+    session = new_session()
+    wall = {"read": 0.0, "gateway": 0.0, "write": 0.0}
+    cpu = dict(wall)
+    try:
+        started = time.perf_counter()
+        rows = session.execute(
+            select(Refund.id, Payment.gateway, Payment.gateway_payment_id, Refund.gateway_refund_id)
+            .join(Payment, Payment.id == Refund.payment_id)
+            .where(Refund.status == "PROCESSING", Refund.updated_at <= utcnow() - STUCK_AFTER)
+            .order_by(Refund.id)
+            .limit(n)
+        ).all()
+        session.commit()
+        wall["read"] = time.perf_counter() - started
+        cpu["read"] = time.thread_time()
+        for refund_id, gateway, payment_id, gateway_refund_id in rows:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            result = get_gateway(gateway).fetch_refund(payment_id, gateway_refund_id)
+            t1, c1 = time.perf_counter(), time.thread_time()
+            if result.status != "PROCESSING":
+                transition(
+                    session,
+                    "refunds",
+                    refund_id,
+                    result.status,
+                    actor="bench.sequential",
+                    reason=f"gateway refund {result.id} is {result.raw_status}",
+                    now=utcnow(),
+                    values={"gateway_refund_id": result.id},
+                )
+            session.commit()
+            t2, c2 = time.perf_counter(), time.thread_time()
+            wall["gateway"] += t1 - t0
+            wall["write"] += t2 - t1
+            cpu["gateway"] += c1 - c0
+            cpu["write"] += c2 - c1
+        seconds = time.perf_counter() - started
+    finally:
+        session.close()
+    done = int(
+        scalar(
+            engine,
+            "SELECT count(*) FROM refunds WHERE status = 'COMPLETED' AND id <= :n",
+            n=n,
+        )
+    )
+    return {
+        "refunds": len(rows),
+        "completed": done,
+        "seconds": round(seconds, 3),
+        "refunds_per_s": round(len(rows) / seconds, 1),
+        "ms_per_refund": {
+            step: round(1000 * value / max(len(rows), 1), 2) for step, value in wall.items()
+        },
+        "client_cpu_ms_per_refund": {
+            step: round(1000 * value / max(len(rows), 1), 2)
+            for step, value in cpu.items()
+            if step != "read"
+        },
+    }
+
+
+STUCK_AFTER = __import__("datetime").timedelta(hours=1)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def machine(engine: Engine, broker: redis.Redis) -> dict[str, Any]:
+    with engine.connect() as conn:
+        version = conn.execute(text("SELECT version()")).scalar()
+        settings = {
+            name: conn.execute(text(f"SHOW {name}")).scalar()
+            for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
+        }
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "postgres": version,
+        "postgres_settings": settings,
+        "redis": broker.info("server")["redis_version"],
+        "loadavg": os.getloadavg(),
+    }
+    print(f"machine:  {info['cpus']} CPUs, {info['platform']}, Python {info['python']}")
+    print("load:     {:.2f} {:.2f} {:.2f} (1/5/15 min, before the bench)".format(*info["loadavg"]))
+    print(f"postgres: {version}")
+    print("          " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    print(f"redis:    {info['redis']}")
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument(
+        "--shape", action="append", choices=sorted(SHAPES), help="run only these worker shapes"
+    )
+    args = parser.parse_args()
+    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
+    if not url or not url.startswith("postgresql") or not broker_url:
+        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+        return 2
+    sizes = QUICK if args.quick else FULL
+    shapes = tuple(args.shape) if args.shape else sizes.shapes
+
+    from workers.gateways.simulator import SimulatorServer
+
+    with SimulatorServer() as server, tempfile.TemporaryDirectory(prefix="backstop-bench-") as d:
+        # The bench's own adapters (the baseline) read the same settings as the workers.
+        os.environ.update({k: v for k, v in worker_env(server).items() if k not in os.environ})
+        from workers.db import get_engine
+        from workers.migrate import upgrade
+
+        upgrade(url)
+        engine = get_engine()
+        broker = redis.Redis.from_url(broker_url)
+        print(f"backstop refund-retry bench ({'quick' if args.quick else 'full'})")
+        results: dict[str, Any] = {"mode": "quick" if args.quick else "full"}
+        results["machine"] = machine(engine, broker)
+        backlog = seed_simulator(server.state, sizes.refunds)
+        server.state.add_fault("*", "latency", latency_ms=LATENCY_MS)
+        print(
+            f"\nbacklog: {sizes.refunds:,} refunds PROCESSING for 2 h (half Razorpay, half "
+            f"Stripe), settled at the gateway;\n         simulator in this process, "
+            f"{LATENCY_MS} ms latency on every call"
+        )
+        logs = Path(d)
+        ours = {}
+        for key in shapes:
+            print(f"  ours, {SHAPES[key].label} ...", flush=True)
+            ours[key] = run_ours(engine, broker, server, backlog, SHAPES[key], sizes, logs, key)
+            print(f"    {json.dumps(ours[key], default=str)}", flush=True)
+        print(f"  baseline, sequential, on {sizes.baseline:,} refunds ...", flush=True)
+        base = run_baseline(engine, broker, backlog, sizes.baseline)
+        print(f"    {json.dumps(base)}", flush=True)
+        results["ours"], results["baseline"] = ours, base
+        effects = server.state.effects()
+        results["effects"] = {k: effects[k] for k in ("refunds_created", "duplicates")}
+        print(json.dumps(results["effects"]))
+    if args.json:
+        print(json.dumps(results, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The circuit breaker per gateway: state shared through the real Redis, as between worker
+processes; calls through the real SDKs to the simulator."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis as redis_lib
+
+from workers.gateways.base import CircuitOpen, GatewayPermanent, GatewayTransient, RefundRequest
+from workers.gateways.breaker import GuardedGateway, make_breaker
+
+
+def guarded(gateways: dict[str, Any], redis: redis_lib.Redis, reset: float = 1.0) -> Any:
+    breaker = make_breaker("razorpay", fail_max=3, reset_seconds=reset, redis=redis)
+    return GuardedGateway(gateways["razorpay"], breaker)
+
+
+def request(payment: str, amount: int = 100) -> RefundRequest:
+    return RefundRequest(
+        refund_id=7,
+        idempotency_key="bkr-7-0123456789",
+        amount=amount,
+        gateway_payment_id=payment,
+        currency="INR",
+        reason=None,
+    )
+
+
+def test_failures_in_one_process_open_the_breaker_for_all(
+    sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    payment = sim.add_payment("razorpay", amount=1_000, currency="INR")["id"]
+    one, other = guarded(gateways, redis), guarded(gateways, redis)  # two "processes"
+    sim.add_fault("razorpay.refund.create", "503")
+    for _ in range(3):
+        with pytest.raises(GatewayTransient):
+            one.submit_refund(request(payment))
+    assert other.state() == "open" and 0 < other.open_for() <= 1.0
+    calls = sim.stats()["requests"]["razorpay.refund.create"]
+    with pytest.raises(CircuitOpen):
+        other.submit_refund(request(payment))
+    assert sim.stats()["requests"]["razorpay.refund.create"] == calls  # nothing was sent
+    # After the reset timeout one trial call goes through; its success closes the breaker.
+    sim.clear_faults()
+    time.sleep(1.1)
+    assert other.open_for() == 0
+    assert other.submit_refund(request(payment)).status == "COMPLETED"
+    assert one.state() == "closed"
+
+
+def test_refusals_do_not_open_the_breaker(
+    sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    gateway = guarded(gateways, redis)
+    payment = sim.add_payment("razorpay", amount=100, currency="INR")["id"]
+    for _ in range(5):
+        with pytest.raises(GatewayPermanent):
+            gateway.submit_refund(request(payment, amount=10_000))
+    assert gateway.state() == "closed"
+
+
+def test_a_lost_response_that_trips_the_breaker_is_still_reported_as_unknown(
+    sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    from workers.gateways.base import OutcomeUnknown
+
+    gateway = guarded(gateways, redis)
+    payment = sim.add_payment("razorpay", amount=1_000, currency="INR")["id"]
+    sim.add_fault("razorpay.refund.create", "503", remaining=2)
+    for _ in range(2):
+        with pytest.raises(GatewayTransient):
+            gateway.submit_refund(request(payment))
+    sim.add_fault("razorpay.refund.create", "lost", hang_seconds=1.5, remaining=1)
+    with pytest.raises(OutcomeUnknown):  # the tripping call: not masked as "nothing sent"
+        gateway.submit_refund(request(payment))
+    assert gateway.state() == "open"

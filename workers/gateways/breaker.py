@@ -1,0 +1,96 @@
+"""A circuit breaker per gateway, shared by every worker process through Redis (pybreaker).
+
+Failures that say the gateway is unwell (transient errors, unknown outcomes) count; refusals
+do not. While the breaker is open, work for that gateway is deferred without being sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any, TypeVar
+
+import pybreaker
+
+from workers.gateways.base import (
+    CircuitOpen,
+    Gateway,
+    GatewayPayment,
+    GatewayPermanent,
+    GatewayRefund,
+    RefundRequest,
+)
+
+T = TypeVar("T")
+
+
+def make_breaker(
+    name: str, *, fail_max: int, reset_seconds: float, redis: Any | None
+) -> pybreaker.CircuitBreaker:
+    """`redis` shares the state between processes; without it (the embedded default) each
+    process keeps its own."""
+    storage = (
+        pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, redis, namespace=f"backstop:breaker:{name}"
+        )
+        if redis is not None
+        else None
+    )
+    return pybreaker.CircuitBreaker(
+        fail_max=fail_max,
+        reset_timeout=reset_seconds,
+        exclude=[GatewayPermanent],
+        state_storage=storage,
+        name=name,
+        # The call that trips the breaker must still tell its own outcome: a lost response
+        # is not "nothing was sent".
+        throw_new_error_on_trip=False,
+    )
+
+
+class GuardedGateway:
+    """A gateway whose every call goes through its breaker."""
+
+    def __init__(self, gateway: Gateway, breaker: pybreaker.CircuitBreaker) -> None:
+        self._gateway, self.breaker = gateway, breaker
+        self.name, self.key_ttl = gateway.name, gateway.key_ttl
+
+    def open_for(self) -> float:
+        """Seconds until the breaker lets a trial call through; 0 when calls may go now."""
+        if self.breaker.current_state != pybreaker.STATE_OPEN:
+            return 0.0
+        opened = self.breaker._state_storage.opened_at
+        if opened is None:
+            return 0.0
+        return max(0.0, opened.timestamp() + self.breaker.reset_timeout - time.time())
+
+    def state(self) -> str:
+        return str(self.breaker.current_state)
+
+    def _call(self, call: Callable[..., T], *args: Any) -> T:
+        try:
+            return self.breaker.call(call, *args)
+        except pybreaker.CircuitBreakerError as exc:
+            raise CircuitOpen(f"{self.name}: circuit breaker is open") from exc
+
+    def submit_refund(self, request: RefundRequest) -> GatewayRefund:
+        return self._call(self._gateway.submit_refund, request)
+
+    def fetch_refund(self, gateway_payment_id: str, refund_id: str) -> GatewayRefund:
+        return self._call(self._gateway.fetch_refund, gateway_payment_id, refund_id)
+
+    def find_refund(self, request: RefundRequest) -> GatewayRefund | None:
+        return self._call(self._gateway.find_refund, request)
+
+    def fetch_payment(self, payment_id: str) -> GatewayPayment:
+        return self._call(self._gateway.fetch_payment, payment_id)
+
+    def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
+        pages = self._gateway.list_payments(start, end)
+        while True:
+            try:
+                page = self._call(next, pages)
+            except StopIteration:
+                return
+            yield page
