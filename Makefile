@@ -55,6 +55,7 @@ test: install redis-server lint
 
 bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/holds.py
+	$(PY) -m tests.services -- $(PY) bench/refunds.py
 
 clean:
 	rm -rf var .pytest_cache .hypothesis

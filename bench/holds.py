@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
+from bench.common import machine  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 
@@ -396,32 +396,6 @@ def lag_phase(engine: Engine, broker: redis.Redis, sizes: Sizes, logs: Path) -> 
         "active_past_due": late,
         "pass": verdict == "PASS",
     }
-
-
-def machine(engine: Engine, broker: redis.Redis) -> dict[str, Any]:
-    with engine.connect() as conn:
-        version = conn.execute(text("SELECT version()")).scalar()
-        settings = {
-            name: conn.execute(text(f"SHOW {name}")).scalar()
-            for name in ("fsync", "synchronous_commit", "shared_buffers")
-        }
-    info = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "postgres": version,
-        "postgres_settings": settings,
-        "redis": broker.info("server")["redis_version"],
-        "loadavg": os.getloadavg(),
-    }
-    print(f"machine:  {info['cpus']} CPUs, {info['platform']}, Python {info['python']}")
-    # Anything else running competes for the same CPUs and shows up as noise in every number.
-    print("load:     {:.2f} {:.2f} {:.2f} (1/5/15 min, before the bench)".format(*info["loadavg"]))
-    print(f"postgres: {version}")
-    # The throwaway server trades durability for speed; every commit is cheaper than in prod.
-    print("          " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    print(f"redis:    {info['redis']}")
-    return info
 
 
 def main() -> int:

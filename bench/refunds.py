@@ -34,11 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
+from bench.common import machine  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 
@@ -59,6 +60,8 @@ CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
 SETTLED = {"razorpay": "processed", "stripe": "succeeded"}
 FETCHES = ("razorpay.refund.fetch", "stripe.refund.fetch")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The default REFUND_STUCK_AFTER_SECONDS: the backlog is 2 h old, so all of it is due.
+STUCK_AFTER = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -439,38 +442,118 @@ def run_baseline(engine: Engine, broker: redis.Redis, backlog: Backlog, n: int) 
     }
 
 
-STUCK_AFTER = __import__("datetime").timedelta(hours=1)
-
-
-# -- report -----------------------------------------------------------------------------------
+# -- report ---------------------------------------------------------------------------------
 
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def machine(engine: Engine, broker: redis.Redis) -> dict[str, Any]:
-    with engine.connect() as conn:
-        version = conn.execute(text("SELECT version()")).scalar()
-        settings = {
-            name: conn.execute(text(f"SHOW {name}")).scalar()
-            for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
-        }
-    info = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "postgres": version,
-        "postgres_settings": settings,
-        "redis": broker.info("server")["redis_version"],
-        "loadavg": os.getloadavg(),
+def per_refund_ms(run: dict[str, Any], part: str) -> float:
+    return 1000 * run["cpu_s"][part] / max(run["completed"], 1)
+
+
+def report(
+    ours: dict[str, dict[str, Any]], base: dict[str, Any], sizes: Sizes, effects: dict[str, Any]
+) -> dict[str, Any]:
+    n, base_rate = sizes.refunds, base["refunds_per_s"]
+    print(
+        f"\n  {'approach':<30}{'refunds':>9}{'seconds':>9}{'refunds/s':>11}{'x base':>8}"
+        f"{'fan-out s':>11}   <= {TARGET_SECONDS:g} s   >= {TARGET_RATIO:g}x"
+    )
+    summary: dict[str, Any] = {}
+    for key, run in ours.items():
+        ratio = round(run["refunds_per_s"] / base_rate, 2)
+        in_time = run["finished"] and run["seconds"] <= TARGET_SECONDS
+        fast = run["finished"] and ratio >= TARGET_RATIO
+        summary[key] = {"ratio": ratio, "within_60s": in_time, "ratio_pass": fast}
+        seconds = f"{run['seconds']:.1f}" if run["finished"] else f">{sizes.timeout:.0f}"
+        fanout = "-" if run["fanout_s"] is None else f"{run['fanout_s']:.1f}"
+        print(
+            f"  {'ours, ' + run['shape']:<30}{run['completed']:>9,}{seconds:>9}"
+            f"{run['refunds_per_s']:>11,.1f}{ratio:>7.1f}x{fanout:>11}"
+            f"   {verdict(in_time):>7}   {verdict(fast):>5}"
+        )
+    whole = n / base_rate
+    print(
+        f"  {'baseline, sequential loop':<30}{base['refunds']:>9,}{base['seconds']:>9.1f}"
+        f"{base_rate:>11,.1f}{1:>7.1f}x"
+    )
+    print(
+        f"  baseline ran on {base['refunds']:,} of the {n:,} refunds: all of them at that rate "
+        f"would take ~{whole:,.0f} s."
+    )
+    print(
+        "  fan-out s: how long `refunds.retry_stuck` took to claim the backlog and send its tasks."
+    )
+
+    print(
+        f"\n  CPU per refund, ms      {'workers':>9}{'simulator':>11}{'postgres':>10}{'redis':>8}"
+        f"{'total':>8}   machine busy    ceiling"
+    )
+    for run in ours.values():
+        parts = [per_refund_ms(run, part) for part in ("workers", "simulator", "postgres", "redis")]
+        total = sum(parts)
+        print(
+            f"  {run['shape']:<24}{parts[0]:>9.1f}{parts[1]:>11.1f}{parts[2]:>10.1f}"
+            f"{parts[3]:>8.1f}{total:>8.1f}   {100 * run['cpu_s']['utilization']:>11.0f}%"
+            f"   {CPUS * 1000 / total:>7,.0f}/s"
+        )
+    need = TARGET_RATIO * base_rate
+    print(f"  ceiling: the refunds/s at which that much CPU per refund fills all {CPUS} CPUs.")
+    print(
+        f"  {TARGET_RATIO:g}x the baseline is {need:,.0f} refunds/s: on {CPUS} CPUs that leaves "
+        f"{CPUS * 1000 / need:.1f} ms of CPU per refund for everything above together."
+    )
+    ms, cpu = base["ms_per_refund"], base["client_cpu_ms_per_refund"]
+    print(
+        f"  baseline, per refund: gateway call {ms['gateway']:.1f} ms wall ({LATENCY_MS} ms of it "
+        f"simulated latency; {cpu['gateway']:.1f} ms CPU in the client: SDK, requests, breaker),\n"
+        f"  audited transition + commit {ms['write']:.1f} ms wall ({cpu['write']:.1f} ms CPU in "
+        "the client)."
+    )
+
+    exact = {
+        key: run["requests"] == {name: n // 2 for name in FETCHES} for key, run in ours.items()
     }
-    print(f"machine:  {info['cpus']} CPUs, {info['platform']}, Python {info['python']}")
-    print("load:     {:.2f} {:.2f} {:.2f} (1/5/15 min, before the bench)".format(*info["loadavg"]))
-    print(f"postgres: {version}")
-    print("          " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    print(f"redis:    {info['redis']}")
-    return info
+    once = effects["refunds_created"] == n and not effects["duplicates"]
+    print(
+        f"\n  gateway requests: one refund fetch per refund ({n // 2:,} Razorpay + {n // 2:,} "
+        f"Stripe), nothing else, in every run of ours: {verdict(all(exact.values()))}"
+    )
+    for key, ok in exact.items():
+        if not ok:
+            print(f"    {ours[key]['shape']}: {ours[key]['requests']}")
+    print(
+        f"  simulator effects: {effects['refunds_created']:,} refunds created (all by the setup), "
+        f"{len(effects['duplicates'])} duplicates: {verdict(once)}"
+    )
+
+    finished = {key: run for key, run in ours.items() if run["finished"]}
+    best = max(finished, key=lambda key: finished[key]["refunds_per_s"], default=None)
+    if "procfile" in ours:
+        row = summary["procfile"]
+        print(
+            f"\n  the Procfile's worker ({ours['procfile']['shape']}): "
+            f"<= {TARGET_SECONDS:g} s {verdict(row['within_60s'])}, "
+            f">= {TARGET_RATIO:g}x the baseline {verdict(row['ratio_pass'])} ({row['ratio']:.1f}x)"
+        )
+    if best is not None:
+        row = summary[best]
+        print(
+            f"  the fastest shape ({ours[best]['shape']}): {ours[best]['seconds']:.1f} s, "
+            f"<= {TARGET_SECONDS:g} s {verdict(row['within_60s'])}, "
+            f">= {TARGET_RATIO:g}x the baseline {verdict(row['ratio_pass'])} ({row['ratio']:.1f}x)"
+        )
+    if sizes is QUICK:
+        print("  (quick: sizes shrunk for a smoke run; the targets are set for the full run)")
+    return {
+        "shapes": summary,
+        "best_shape": best,
+        "one_fetch_per_refund": all(exact.values()),
+        "no_duplicates": once,
+        "baseline_extrapolated_s": round(whole, 1),
+    }
 
 
 def main() -> int:
@@ -478,7 +561,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     parser.add_argument(
-        "--shape", action="append", choices=sorted(SHAPES), help="run only these worker shapes"
+        "--shape",
+        action="append",
+        choices=list(SHAPES),
+        help="run only this worker shape (repeatable; default: all, or the quick ones)",
     )
     args = parser.parse_args()
     url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
@@ -490,9 +576,13 @@ def main() -> int:
 
     from workers.gateways.simulator import SimulatorServer
 
-    with SimulatorServer() as server, tempfile.TemporaryDirectory(prefix="backstop-bench-") as d:
-        # The bench's own adapters (the baseline) read the same settings as the workers.
-        os.environ.update({k: v for k, v in worker_env(server).items() if k not in os.environ})
+    with (
+        SimulatorServer() as server,
+        tempfile.TemporaryDirectory(prefix="backstop-bench-") as folder,
+    ):
+        # The baseline's adapters, in this process, read the settings the workers get; set
+        # before anything reads the (cached) settings.
+        os.environ.update(worker_env(server))
         from workers.db import get_engine
         from workers.migrate import upgrade
 
@@ -505,23 +595,22 @@ def main() -> int:
         backlog = seed_simulator(server.state, sizes.refunds)
         server.state.add_fault("*", "latency", latency_ms=LATENCY_MS)
         print(
-            f"\nbacklog: {sizes.refunds:,} refunds PROCESSING for 2 h (half Razorpay, half "
-            f"Stripe), settled at the gateway;\n         simulator in this process, "
-            f"{LATENCY_MS} ms latency on every call"
+            f"\nOne retry cycle over {sizes.refunds:,} refunds stuck PROCESSING for 2 h (half "
+            f"Razorpay, half Stripe),\nsettled at the gateway; simulator in this process with "
+            f"{LATENCY_MS} ms on every call; reloaded before every run"
         )
-        logs = Path(d)
+        logs = Path(folder)
         ours = {}
         for key in shapes:
-            print(f"  ours, {SHAPES[key].label} ...", flush=True)
-            ours[key] = run_ours(engine, broker, server, backlog, SHAPES[key], sizes, logs, key)
-            print(f"    {json.dumps(ours[key], default=str)}", flush=True)
-        print(f"  baseline, sequential, on {sizes.baseline:,} refunds ...", flush=True)
+            shape = SHAPES[key]
+            print(f"  ours, {shape.label} ...", flush=True)
+            ours[key] = run_ours(engine, broker, server, backlog, shape, sizes, logs, key)
+        print(f"  baseline, sequential loop, on {sizes.baseline:,} of the refunds ...", flush=True)
         base = run_baseline(engine, broker, backlog, sizes.baseline)
-        print(f"    {json.dumps(base)}", flush=True)
-        results["ours"], results["baseline"] = ours, base
         effects = server.state.effects()
-        results["effects"] = {k: effects[k] for k in ("refunds_created", "duplicates")}
-        print(json.dumps(results["effects"]))
+        results["ours"], results["baseline"] = ours, base
+        results["effects"] = {key: effects[key] for key in ("refunds_created", "duplicates")}
+        results["summary"] = report(ours, base, sizes, results["effects"])
     if args.json:
         print(json.dumps(results, default=str))
     return 0

@@ -1,0 +1,35 @@
+"""What every benchmark prints first: the machine it ran on and the servers it measured."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, text
+
+POSTGRES_SETTINGS = ("fsync", "synchronous_commit", "shared_buffers", "max_connections")
+
+
+def machine(engine: Engine, broker: redis.Redis) -> dict[str, Any]:
+    with engine.connect() as conn:
+        version = conn.execute(text("SELECT version()")).scalar()
+        settings = {name: conn.execute(text(f"SHOW {name}")).scalar() for name in POSTGRES_SETTINGS}
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "postgres": version,
+        "postgres_settings": settings,
+        "redis": broker.info("server")["redis_version"],
+        "loadavg": os.getloadavg(),
+    }
+    print(f"machine:  {info['cpus']} CPUs, {info['platform']}, Python {info['python']}")
+    # Anything else running competes for the same CPUs and shows up as noise in every number.
+    print("load:     {:.2f} {:.2f} {:.2f} (1/5/15 min, before the bench)".format(*info["loadavg"]))
+    print(f"postgres: {version}")
+    # The throwaway server trades durability for speed; every commit is cheaper than in prod.
+    print("          " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    print(f"redis:    {info['redis']}")
+    return info
