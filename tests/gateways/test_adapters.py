@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.workers.factories import CAPTURED, CURRENCY
 from workers.gateways.base import (
     GatewayPermanent,
     GatewayTransient,
@@ -17,8 +18,6 @@ from workers.gateways.base import (
 )
 
 GATEWAYS = ["razorpay", "stripe"]
-CURRENCY = {"razorpay": "INR", "stripe": "USD"}
-CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
 
 
 def paid(sim: Any, gateway: str, amount: int = 50_000) -> str:

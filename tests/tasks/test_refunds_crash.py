@@ -19,6 +19,7 @@ from sqlalchemy import Engine, func, insert, select
 
 from tests.processes import Proc
 from tests.tasks.test_refunds_worker import worker_env
+from tests.workers.factories import CAPTURED, CURRENCY
 from workers.celery_app import app
 from workers.db import session_scope
 from workers.models import DeadLetter, JobRun, Payment, Refund
@@ -27,8 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REFUNDS = 500
 KILLS = 3
-CURRENCY = {"razorpay": "INR", "stripe": "USD"}
-CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
 
 
 def add_refunds(sim: Any) -> list[int]:

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine
 
 from tests.conftest import wait_until
 from tests.processes import Proc
+from tests.workers.factories import add_refund
 from workers.celery_app import app
 from workers.db import session_scope
-from workers.models import Payment, Refund
+from workers.models import Refund
 
 pytestmark = pytest.mark.e2e
 
@@ -30,29 +31,6 @@ def worker_env(server: Any, sim: Any) -> dict[str, str]:
     }
 
 
-def add_refund(sim: Any, gateway: str, currency: str, captured: str) -> int:
-    paid = sim.add_payment(gateway, amount=10_000, currency=currency, status=captured)["id"]
-    with session_scope() as session:
-        payment = session.execute(
-            insert(Payment)
-            .values(
-                gateway=gateway,
-                gateway_payment_id=paid,
-                amount=10_000,
-                currency=currency,
-                status="COMPLETED",
-            )
-            .returning(Payment.id)
-        ).scalar_one()
-        return int(
-            session.execute(
-                insert(Refund)
-                .values(payment_id=payment, amount=2_500, currency=currency)
-                .returning(Refund.id)
-            ).scalar_one()
-        )
-
-
 def status(refund_id: int) -> str:
     with session_scope() as session:
         return session.get(Refund, refund_id).status
@@ -62,8 +40,8 @@ def test_refunds_submit_by_name_survives_transient_faults_and_is_made_once(
     committed: Engine, start_worker: Callable[..., Proc], simulator_server: Any, sim: Any
 ) -> None:
     worker = start_worker(**worker_env(simulator_server, sim))
-    rzp = add_refund(sim, "razorpay", "INR", "captured")
-    stp = add_refund(sim, "stripe", "USD", "succeeded")
+    rzp = add_refund(sim, "razorpay")
+    stp = add_refund(sim, "stripe")
     # Each gateway fails the first two submissions: one refused, one lost after the effect.
     sim.add_fault("razorpay.refund.create", "503", remaining=1)
     sim.add_fault("stripe.refund.create", "lost", hang_seconds=2, remaining=1)
@@ -87,7 +65,7 @@ def test_an_open_breaker_defers_the_task_without_spending_a_retry(
 
     worker = start_worker(**worker_env(simulator_server, sim), BREAKER_RESET_SECONDS="3")
     make_breaker("stripe", fail_max=5, reset_seconds=3, redis=redis).open()  # shared state
-    refund_id = add_refund(sim, "stripe", "USD", "succeeded")
+    refund_id = add_refund(sim, "stripe")
     app.send_task("refunds.submit", kwargs={"refund_id": refund_id})
     wait_until(lambda: status(refund_id) == "COMPLETED", timeout=30)
     log = worker.output()

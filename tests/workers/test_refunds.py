@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, select, update
 
+from tests.workers import factories
 from workers.db import new_session, session_scope
 from workers.errors import NotFound
 from workers.gateways.base import GatewayPermanent, GatewayTransient, OutcomeUnknown
-from workers.models import Notification, Payment, Refund, StateTransition
+from workers.models import Notification, Refund, StateTransition
 from workers.refunds import (
     RefundInFlight,
     RetryPolicy,
@@ -26,8 +27,6 @@ from workers.refunds import (
 )
 
 GATEWAYS = ["razorpay", "stripe"]
-CURRENCY = {"razorpay": "INR", "stripe": "USD"}
-CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
 LEASE = timedelta(seconds=30)
 T0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
 POLICY = RetryPolicy(
@@ -50,35 +49,7 @@ class Clock:
 def add_refund(
     sim: Any, gateway: str, amount: int = 1_000, paid: int = 50_000, created_at: datetime = T0
 ) -> int:
-    gateway_payment = sim.add_payment(
-        gateway, amount=paid, currency=CURRENCY[gateway], status=CAPTURED[gateway]
-    )["id"]
-    with session_scope() as session:
-        payment = session.execute(
-            insert(Payment)
-            .values(
-                gateway=gateway,
-                gateway_payment_id=gateway_payment,
-                amount=paid,
-                currency=CURRENCY[gateway],
-                status="COMPLETED",
-            )
-            .returning(Payment.id)
-        ).scalar_one()
-        return int(
-            session.execute(
-                insert(Refund)
-                .values(
-                    payment_id=payment,
-                    amount=amount,
-                    currency=CURRENCY[gateway],
-                    reason="cancelled",
-                    created_at=created_at,
-                    updated_at=created_at,
-                )
-                .returning(Refund.id)
-            ).scalar_one()
-        )
+    return factories.add_refund(sim, gateway, amount=amount, paid=paid, created_at=created_at)
 
 
 def refund(refund_id: int) -> Refund:
