@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # Gateway calls: timeout of one HTTP request; attempts (new keys) after a FAILED refund.
     GATEWAY_TIMEOUT_SECONDS: Annotated[float, Field(gt=0, le=60)] = 10.0
     REFUND_MAX_ATTEMPTS: PositiveInt = 3
+    # The retry job re-checks stuck refunds in tasks of this many, each asking the gateways
+    # this many at a time (threads in the worker process; the calls wait on the network).
+    REFUND_CHECK_CHUNK: Annotated[int, Field(ge=1, le=1000)] = 200
+    GATEWAY_CONCURRENCY: Annotated[int, Field(ge=1, le=64)] = 16
     # A gateway's circuit opens after this many failures in a row, for this long.
     BREAKER_FAIL_MAX: PositiveInt = 5
     BREAKER_RESET_SECONDS: Annotated[float, Field(gt=0)] = 30.0

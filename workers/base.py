@@ -23,7 +23,14 @@ from config.celery import max_countdown
 from workers.db import session_scope
 from workers.dlq import record_dead_letter
 from workers.enqueue import enqueue_after_commit, send
-from workers.errors import Classification, Defer, PayloadError, classify, one_line
+from workers.errors import (
+    Classification,
+    Defer,
+    PayloadError,
+    RetryRemaining,
+    classify,
+    one_line,
+)
 from workers.payloads import Payload, validate
 from workers.retry import backoff_delay
 
@@ -92,6 +99,8 @@ class BackstopTask(Task):  # type: ignore[misc]
         settings = get_settings()
         retries = self.request.retries or 0
         kind = classify(exc)
+        if isinstance(exc, RetryRemaining):
+            kwargs = exc.kwargs
         if kind is Classification.TRANSIENT and retries < settings.TASK_MAX_RETRIES:
             countdown = self.retry_countdown(retries)
             log.warning(
@@ -102,7 +111,7 @@ class BackstopTask(Task):  # type: ignore[misc]
                     "countdown": round(countdown, 1),
                 },
             )
-            raise self.retry(exc=exc, countdown=countdown, max_retries=None)
+            raise self.retry(exc=exc, kwargs=kwargs, countdown=countdown, max_retries=None)
         payload = dict(kwargs)
         if args:
             payload["__args__"] = list(args)
@@ -122,7 +131,10 @@ class BackstopTask(Task):  # type: ignore[misc]
             # Losing the task is worse than trying again: without its dead letter, retry it.
             log.error("dead_letter.write_failed", extra={"error": one_line(write_error)})
             raise self.retry(
-                exc=exc, countdown=settings.TASK_RETRY_MAX_SECONDS, max_retries=None
+                exc=exc,
+                kwargs=kwargs,
+                countdown=settings.TASK_RETRY_MAX_SECONDS,
+                max_retries=None,
             ) from write_error
         log.error(
             "task.dead_lettered",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from enum import StrEnum
+from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
@@ -30,6 +31,15 @@ class TransientError(BackstopError):
     """Retrying later may help: the other side is busy or unreachable."""
 
     classification = Classification.TRANSIENT
+
+
+class RetryRemaining(TransientError):
+    """Part of a batch task is done and committed; retry only the rest, whose payload is
+    `kwargs`. Exhausted, the dead letter keeps that narrowed payload."""
+
+    def __init__(self, message: str, kwargs: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.kwargs = kwargs
 
 
 class Defer(Exception):

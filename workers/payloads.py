@@ -27,6 +27,10 @@ class SubmitRefund(Payload):
     refund_id: Id
 
 
+class CheckRefunds(Payload):
+    refund_ids: Annotated[list[Id], Field(min_length=1, max_length=1_000)]
+
+
 class HoldsExpired(Payload):
     hold_ids: Annotated[list[Id], Field(min_length=1, max_length=10_000)]
 

@@ -12,19 +12,32 @@ have forgotten the key, first looks the refund up by the reference we wrote on i
 from __future__ import annotations
 
 import logging
+import os
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from workers.alerts import raise_alert
-from workers.db import claim, transition
+from workers.db import claim, transition, transition_batch
+from workers.dlq import record_dead_letter
 from workers.enqueue import enqueue_after_commit
-from workers.errors import Defer, NotFound, PermanentError, TransientError, one_line
+from workers.errors import (
+    Defer,
+    NotFound,
+    PermanentError,
+    TransientError,
+    classify,
+    one_line,
+)
 from workers.gateways.base import (
+    CircuitOpen,
     Gateway,
     GatewayPermanent,
     GatewayRefund,
@@ -56,10 +69,15 @@ class Claim:
     key_sent_at: datetime | None = None  # when this key was first sent, before this attempt
 
 
+def open_seconds(gateway: Gateway) -> float:
+    """Seconds until the gateway's breaker lets calls through (0 without a breaker)."""
+    open_for = getattr(gateway, "open_for", None)
+    return float(open_for()) if open_for else 0.0
+
+
 def defer_while_open(gateway: Gateway) -> None:
     """Nothing is claimed or sent while the gateway's breaker is open: come back after it."""
-    open_for = getattr(gateway, "open_for", None)
-    seconds = open_for() if open_for else 0.0
+    seconds = open_seconds(gateway)
     if seconds > 0:
         raise Defer(seconds, f"{gateway.name} circuit breaker is open")
 
@@ -242,7 +260,8 @@ class RetryPolicy:
     pending_after: timedelta  # PENDING longer than this: its submission never finished
     escalate_after: timedelta  # unresolved longer than this: manual review and an alert
     max_attempts: int  # attempts (keys) before a FAILED refund goes to manual review
-    batch_size: int = 500
+    batch_size: int = 1000
+    check_chunk: int = 200  # PROCESSING refunds re-checked by one `refunds.check_many` task
 
 
 @dataclass
@@ -263,8 +282,10 @@ def retry_stuck_refunds(
     actor: str = "refunds.retry_stuck",
 ) -> RetryCounts:
     """One run of the retry job: escalate what waited too long, then take every due refund on
-    in batches claimed with SKIP LOCKED, and fan the gateway work out as one task per refund
-    (sent after each batch commits). Two runs at once split the refunds between them."""
+    in batches claimed with SKIP LOCKED, and fan the gateway work out across the workers (sent
+    after each batch commits): re-checks as `refunds.check_many` tasks of `check_chunk`
+    refunds, submissions as one `refunds.submit` per refund. Two runs at once split the
+    refunds between them."""
     counts = RetryCounts()
     while True:
         escalated = escalate_unresolved(session, clock(), policy)
@@ -370,49 +391,216 @@ def take_due(
                     "gateway_refund_id": None,
                 },
             )
-    for refund_id in taken["PROCESSING"]:
-        enqueue_after_commit(session, "refunds.check", {"refund_id": refund_id})
+    stuck = taken["PROCESSING"]
+    for start in range(0, len(stuck), policy.check_chunk):
+        chunk = stuck[start : start + policy.check_chunk]
+        enqueue_after_commit(session, "refunds.check_many", {"refund_ids": chunk})
     for refund_id in taken["PENDING"] + taken["FAILED"]:
         enqueue_after_commit(session, "refunds.submit", {"refund_id": refund_id})
     return taken
 
 
-def check_refund(
+@dataclass
+class Checked:
+    """What one round of gateway re-checks found, refund by refund."""
+
+    statuses: dict[int, str] = field(default_factory=dict)  # status afterwards, moved or not
+    retry: dict[int, Exception] = field(default_factory=dict)  # no answer yet: ask again later
+    failed: dict[int, Exception] = field(default_factory=dict)  # cannot be asked: dead letter
+    deferred: dict[int, float] = field(default_factory=dict)  # breaker open: seconds to wait
+
+    def outcome(self, refund_id: int) -> str:
+        """One refund's status afterwards, or its failure raised as the task's own."""
+        if refund_id in self.deferred:
+            raise Defer(self.deferred[refund_id], f"refunds {refund_id}: circuit breaker is open")
+        error = self.retry.get(refund_id) or self.failed.get(refund_id)
+        if error is not None:
+            raise error
+        return self.statuses[refund_id]
+
+    def counts(self) -> dict[str, int]:
+        counts = {"completed": 0, "failed": 0, "processing": 0}
+        for status in self.statuses.values():
+            key = status.lower()
+            counts[key if key in counts else "processing"] += 1
+        counts.update(retry=len(self.retry), errors=len(self.failed), deferred=len(self.deferred))
+        return counts
+
+
+def check_refunds(
     session: Session,
-    refund_id: int,
-    now: datetime,
+    refund_ids: Sequence[int],
+    clock: Callable[[], datetime],
     gateway_for: GatewayFor,
+    *,
+    concurrency: int = 1,
     actor: str = "refunds.check",
-) -> str:
-    """Ask the gateway about a PROCESSING refund and move it on if the gateway has a final
-    answer. Returns the refund's status afterwards."""
-    row = session.execute(
-        select(Refund, Payment.gateway, Payment.gateway_payment_id)
-        .join(Payment, Payment.id == Refund.payment_id)
-        .where(Refund.id == refund_id)
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"refunds {refund_id} does not exist")
-    refund, gateway_name, gateway_payment_id = row
-    if refund.status != "PROCESSING" or refund.requires_manual_review:
-        return refund.status
-    gateway = gateway_for(gateway_name)
-    defer_while_open(gateway)
-    if refund.gateway_refund_id:
-        result = gateway.fetch_refund(gateway_payment_id, refund.gateway_refund_id)
-    else:
-        result = gateway.find_refund(
-            RefundRequest(
-                refund_id=refund_id,
-                idempotency_key=refund.idempotency_key or "",
-                gateway_payment_id=gateway_payment_id,
-                amount=refund.amount,
-                currency=refund.currency,
-                reason=refund.reason,
-            )
+) -> Checked:
+    """Ask the gateways about PROCESSING refunds and move on each one they have a final answer
+    for. The rows are read in one select and that transaction ends before any call; the calls
+    run `concurrency` at a time; the answers are written with one audited batch transition per
+    outcome, in the session's transaction, for the caller to commit. Refunds that are no longer
+    PROCESSING, or are in manual review, are reported as they are and not asked about."""
+    rows = session.execute(
+        select(
+            Refund.id,
+            Refund.status,
+            Refund.requires_manual_review,
+            Refund.gateway_refund_id,
+            Refund.idempotency_key,
+            Refund.amount,
+            Refund.currency,
+            Refund.reason,
+            Payment.gateway,
+            Payment.gateway_payment_id,
         )
-        if result is None:
-            return refund.status  # left to escalation: the gateway has no such refund
-    if result.status == "PROCESSING":
-        return refund.status
-    return record_outcome(session, refund_id, refund.idempotency_key or "", result, now, actor)
+        .join(Payment, Payment.id == Refund.payment_id)
+        .where(Refund.id.in_(list(refund_ids)))
+        .order_by(Refund.id)
+    ).all()
+    session.commit()  # nothing stays open while the gateways answer
+    checked = Checked()
+    for refund_id in sorted(set(refund_ids) - {row.id for row in rows}):
+        checked.failed[refund_id] = NotFound(f"refunds {refund_id} does not exist")
+    calls: list[tuple[Any, Gateway]] = []
+    gateways: dict[str, Gateway | Exception] = {}
+    for row in rows:
+        if row.status != "PROCESSING" or row.requires_manual_review:
+            checked.statuses[row.id] = row.status
+            continue
+        if row.gateway not in gateways:
+            try:
+                gateways[row.gateway] = gateway_for(row.gateway)
+            except GatewayPermanent as exc:  # not configured: every refund on it says so
+                gateways[row.gateway] = exc
+        gateway = gateways[row.gateway]
+        if isinstance(gateway, Exception):
+            checked.failed[row.id] = gateway
+        elif (wait := open_seconds(gateway)) > 0:
+            checked.deferred[row.id] = wait
+        else:
+            calls.append((row, gateway))
+
+    found: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for (row, gateway), answer in zip(calls, ask_gateways(calls, concurrency), strict=True):
+        if isinstance(answer, CircuitOpen):  # opened while this round was under way
+            checked.deferred[row.id] = max(open_seconds(gateway), 1.0)
+        elif isinstance(answer, GatewayPermanent):
+            checked.failed[row.id] = answer
+        elif isinstance(answer, Exception):
+            checked.retry[row.id] = answer
+        elif answer is None or answer.status == "PROCESSING":
+            checked.statuses[row.id] = "PROCESSING"  # left to the next run, then escalation
+        elif row.gateway_refund_id:
+            found[(answer.status, answer.raw_status)].append(row.id)
+        else:  # found by our reference: the row learns its gateway refund id
+            now = clock()
+            status = record_outcome(session, row.id, row.idempotency_key or "", answer, now, actor)
+            checked.statuses[row.id] = status
+
+    now = clock()
+    for (status, raw_status), ids in found.items():
+        transition_batch(
+            session,
+            "refunds",
+            select(Refund.id).where(Refund.id.in_(ids)),
+            "PROCESSING",
+            status,
+            actor=actor,
+            reason=f"gateway says {raw_status}",
+            now=now,
+            values={
+                "in_flight_until": None,
+                "last_error": f"gateway says {raw_status}" if status == "FAILED" else None,
+            },
+        )
+        checked.statuses.update(dict.fromkeys(ids, status))
+    errors = {**checked.retry, **checked.failed}
+    known = {row.id for row in rows}
+    if errors.keys() & known:
+        session.execute(
+            update(Refund),
+            [
+                {"id": refund_id, "last_error": one_line(error)[:2000]}
+                for refund_id, error in errors.items()
+                if refund_id in known
+            ],
+        )
+    return checked
+
+
+def ask_gateways(
+    calls: Sequence[tuple[Any, Gateway]], concurrency: int
+) -> list[GatewayRefund | Exception | None]:
+    """Each refund's answer from its gateway, in order: the refund, None (the gateway has no
+    refund with our reference), or the gateway error. Run on a pool kept per process, so the
+    SDKs' HTTP connections (kept per thread by Stripe's) are reused from one round to the next."""
+
+    def ask(call: tuple[Any, Gateway]) -> GatewayRefund | Exception | None:
+        row, gateway = call
+        try:
+            if row.gateway_refund_id:
+                return gateway.fetch_refund(row.gateway_payment_id, row.gateway_refund_id)
+            return gateway.find_refund(
+                RefundRequest(
+                    refund_id=row.id,
+                    idempotency_key=row.idempotency_key or "",
+                    gateway_payment_id=row.gateway_payment_id,
+                    amount=row.amount,
+                    currency=row.currency,
+                    reason=row.reason,
+                )
+            )
+        except (GatewayTransient, GatewayPermanent, OutcomeUnknown) as exc:
+            return exc
+
+    if concurrency <= 1 or len(calls) <= 1:
+        return [ask(call) for call in calls]
+    return list(thread_pool(concurrency).map(ask, calls))
+
+
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def thread_pool(size: int) -> ThreadPoolExecutor:
+    """A pool of `size` threads for gateway calls, one per process (threads do not survive a
+    fork)."""
+    key = (os.getpid(), size)
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="gateway")
+    return _pools[key]
+
+
+def finish_checks(
+    session: Session,
+    checked: Checked,
+    *,
+    task_id: str | None,
+    now: datetime,
+    max_countdown: float,
+) -> None:
+    """After a batch of re-checks: refunds whose gateway's breaker is open are sent again as
+    one task once it may close; each refund that cannot be asked about at all gets its own dead
+    letter as a `refunds.check`, replayable on its own. Both commit with the outcomes."""
+    waits: dict[int, list[int]] = defaultdict(list)
+    for refund_id, seconds in checked.deferred.items():
+        waits[max(1, min(int(seconds + 0.999), int(max_countdown)))].append(refund_id)
+    for countdown, ids in waits.items():
+        enqueue_after_commit(
+            session, "refunds.check_many", {"refund_ids": sorted(ids)}, countdown=countdown
+        )
+    for refund_id, error in checked.failed.items():
+        letter = record_dead_letter(
+            session,
+            task_name="refunds.check",
+            task_id=task_id,
+            payload={"refund_id": refund_id},
+            error=error,
+            attempts=1,
+            classification=classify(error),
+            now=now,
+        )
+        log.error(
+            "refund.check_failed",
+            extra={"refund_id": refund_id, "dead_letter_id": letter, "error": one_line(error)},
+        )

@@ -10,12 +10,12 @@ import pytest
 import redis as redis_lib
 
 from workers.gateways.base import CircuitOpen, GatewayPermanent, GatewayTransient, RefundRequest
-from workers.gateways.breaker import GuardedGateway, make_breaker
+from workers.gateways.breaker import Breakers, GuardedGateway
 
 
 def guarded(gateways: dict[str, Any], redis: redis_lib.Redis, reset: float = 1.0) -> Any:
-    breaker = make_breaker("razorpay", fail_max=3, reset_seconds=reset, redis=redis)
-    return GuardedGateway(gateways["razorpay"], breaker)
+    breakers = Breakers("razorpay", fail_max=3, reset_seconds=reset, redis=redis)
+    return GuardedGateway(gateways["razorpay"], breakers)
 
 
 def request(payment: str, amount: int = 100) -> RefundRequest:
@@ -76,4 +76,50 @@ def test_a_lost_response_that_trips_the_breaker_is_still_reported_as_unknown(
     sim.add_fault("razorpay.refund.create", "lost", hang_seconds=1.5, remaining=1)
     with pytest.raises(OutcomeUnknown):  # the tripping call: not masked as "nothing sent"
         gateway.submit_refund(request(payment))
+    assert gateway.state() == "open"
+
+
+def test_calls_through_a_closed_breaker_run_at_once_and_still_count(
+    sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    """pybreaker holds a lock for the whole of a call made through it; the guard must not, or
+    threads of one worker would talk to the gateway one at a time."""
+    import threading
+
+    gateway = guarded(gateways, redis)
+    payment = sim.add_payment("razorpay", amount=1_000, currency="INR")["id"]
+    sim.add_fault("razorpay.payment.fetch", "latency", latency_ms=400)
+    barrier = threading.Barrier(4)
+    spans: list[tuple[float, float]] = []
+
+    def fetch() -> None:
+        barrier.wait()
+        started = time.monotonic()
+        gateway.fetch_payment(payment)
+        spans.append((started, time.monotonic()))
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(spans) == 4
+    assert max(start for start, _ in spans) < min(end for _, end in spans)  # all in flight at once
+    # Failures made at once still count, and still open the breaker for everyone.
+    sim.clear_faults()
+    sim.add_fault("razorpay.payment.fetch", "503")
+    errors: list[Exception] = []
+
+    def failing() -> None:
+        try:
+            gateway.fetch_payment(payment)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=failing) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 3 and all(isinstance(e, GatewayTransient) for e in errors)
     assert gateway.state() == "open"

@@ -71,3 +71,39 @@ def test_an_open_breaker_defers_the_task_without_spending_a_retry(
     log = worker.output()
     assert "task.deferred" in log and "task.retry" not in log
     assert sim.stats()["requests"]["stripe.refund.create"] == 1
+
+
+def test_a_chunk_of_rechecks_retries_only_the_refunds_that_got_no_answer(
+    committed: Engine,
+    start_worker: Callable[..., Proc],
+    simulator_server: Any,
+    sim: Any,
+    gateways: dict[str, Any],
+) -> None:
+    from datetime import timedelta
+
+    from workers.base import utcnow
+    from workers.refunds import submit_refund
+
+    worker = start_worker(**worker_env(simulator_server, sim))
+    ids = []
+    for name in ["razorpay", "stripe"] * 4:
+        sim.set_refund_outcome(name, "pending")
+        refund_id = add_refund(sim, name)
+        with session_scope() as session:
+            outcome = submit_refund(
+                session, refund_id, utcnow, gateways.__getitem__, lease=timedelta(seconds=30)
+            )
+        assert outcome == "PROCESSING"
+        with session_scope() as session:
+            gateway_refund_id = session.get(Refund, refund_id).gateway_refund_id
+        sim.settle_refund(gateway_refund_id, "processed" if name == "razorpay" else "succeeded")
+        ids.append(refund_id)
+    sim.add_fault("stripe.refund.fetch", "503", remaining=2)
+    app.send_task("refunds.check_many", kwargs={"refund_ids": ids})
+    wait_until(lambda: all(status(refund_id) == "COMPLETED" for refund_id in ids), timeout=60)
+    assert "task.retry" in worker.output()
+    requests = sim.stats()["requests"]
+    # Every refund asked once, and only the two that got a 503 asked again.
+    assert requests["razorpay.refund.fetch"] == 4
+    assert requests["stripe.refund.fetch"] == 4 + 2

@@ -21,7 +21,8 @@ from workers.models import Notification, Refund, StateTransition
 from workers.refunds import (
     RefundInFlight,
     RetryPolicy,
-    check_refund,
+    check_refunds,
+    finish_checks,
     retry_stuck_refunds,
     submit_refund,
 )
@@ -35,6 +36,7 @@ POLICY = RetryPolicy(
     escalate_after=timedelta(days=1),
     max_attempts=3,
     batch_size=50,
+    check_chunk=4,
 )
 
 
@@ -65,6 +67,12 @@ def submit(
         return submit_refund(
             session, refund_id, clock or Clock(), gateways.__getitem__, lease=LEASE
         )
+
+
+def check(refund_id: int, gateways: dict[str, Any]) -> str:
+    """What `refunds.check` does: one refund re-checked, its failure raised as the task's."""
+    with session_scope() as session:
+        return check_refunds(session, [refund_id], Clock(), gateways.__getitem__).outcome(refund_id)
 
 
 def made_once(sim: Any) -> bool:
@@ -121,13 +129,11 @@ def test_pending_at_the_gateway_is_processing_then_rechecked(
     sim.set_refund_outcome(name, "pending")
     refund_id = add_refund(sim, name)
     assert submit(refund_id, gateways) == "PROCESSING"
-    with session_scope() as session:
-        assert check_refund(session, refund_id, T0, gateways.__getitem__) == "PROCESSING"
+    assert check(refund_id, gateways) == "PROCESSING"
     sim.settle_refund(
         refund(refund_id).gateway_refund_id, "processed" if name == "razorpay" else "succeeded"
     )
-    with session_scope() as session:
-        assert check_refund(session, refund_id, T0, gateways.__getitem__) == "COMPLETED"
+    assert check(refund_id, gateways) == "COMPLETED"
     assert refund(refund_id).status == "COMPLETED"
 
 
@@ -287,9 +293,9 @@ def test_retry_job_takes_each_kind_of_due_refund(
     with session_scope() as session:
         counts = retry_stuck_refunds(session, Clock(now), POLICY)
     assert counts.as_dict() == {"checked": 1, "resubmitted": 1, "reattempted": 1, "escalated": 1}
-    assert sorted((name, kwargs["refund_id"]) for name, kwargs in queued(redis)) == sorted(
+    assert sorted((name, next(iter(kwargs.values()))) for name, kwargs in queued(redis)) == sorted(
         [
-            ("refunds.check", stuck),
+            ("refunds.check_many", [stuck]),
             ("refunds.submit", unfinished),
             ("refunds.submit", failed),
         ]
@@ -335,8 +341,12 @@ def test_two_retry_jobs_at_the_same_moment_take_each_refund_once(
         thread.start()
     for thread in threads:
         thread.join()
-    checked = [kwargs["refund_id"] for name, kwargs in queued(redis) if name == "refunds.check"]
+    chunks = [
+        kwargs["refund_ids"] for name, kwargs in queued(redis) if name == "refunds.check_many"
+    ]
+    checked = [refund_id for chunk in chunks for refund_id in chunk]
     assert sorted(checked) == sorted(ids)  # every refund once, none twice
+    assert max(map(len, chunks)) <= POLICY.check_chunk
     assert sum(result["checked"] for result in results) == 120
 
 
@@ -364,7 +374,7 @@ def test_an_open_breaker_defers_without_claiming_or_sending(
     from workers.gateways.breaker import GuardedGateway, make_breaker
 
     breaker = make_breaker("stripe", fail_max=1, reset_seconds=60, redis=redis)
-    guarded = {"stripe": GuardedGateway(gateways["stripe"], breaker)}
+    guarded = {"stripe": GuardedGateway(gateways["stripe"], lambda: breaker)}
     breaker.open()
     refund_id = add_refund(sim, "stripe")
     with pytest.raises(Defer) as deferred:
@@ -375,3 +385,175 @@ def test_an_open_breaker_defers_without_claiming_or_sending(
     assert sim.stats()["requests"].get("stripe.refund.create", 0) == 0
     breaker.close()
     assert submit(refund_id, guarded) == "COMPLETED"
+
+
+# -- re-checks in chunks ----------------------------------------------------------------------
+
+SETTLED = {"razorpay": "processed", "stripe": "succeeded"}
+
+
+def processing(sim: Any, gateways: dict[str, Any], name: str) -> int:
+    """A refund sent to its gateway and left pending there: PROCESSING in our table."""
+    sim.set_refund_outcome(name, "pending")
+    refund_id = add_refund(sim, name)
+    assert submit(refund_id, gateways) == "PROCESSING"
+    return refund_id
+
+
+def settle(sim: Any, refund_id: int, status: str) -> None:
+    sim.settle_refund(refund(refund_id).gateway_refund_id, status)
+
+
+def check_chunk(ids: list[int], gateways: dict[str, Any], concurrency: int = 4) -> Any:
+    with session_scope() as session:
+        return check_refunds(
+            session,
+            ids,
+            Clock(T0 + timedelta(hours=2)),
+            gateways.__getitem__,
+            concurrency=concurrency,
+            actor="test.chunk",
+        )
+
+
+def requests_seen(sim: Any) -> dict[str, int]:
+    return dict(sim.stats()["requests"])
+
+
+def test_a_chunk_moves_each_refund_on_its_gateways_answer(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    rzp_done = processing(sim, gateways, "razorpay")
+    stp_done = processing(sim, gateways, "stripe")
+    stp_failed = processing(sim, gateways, "stripe")
+    rzp_pending = processing(sim, gateways, "razorpay")
+    lost_id = processing(sim, gateways, "stripe")  # made, but its gateway id never recorded
+    in_review = processing(sim, gateways, "razorpay")
+    already = add_refund(sim, "stripe")
+    settle(sim, rzp_done, "processed")
+    settle(sim, stp_done, "succeeded")
+    settle(sim, stp_failed, "failed")
+    settle(sim, lost_id, "succeeded")
+    lost_gateway_id = refund(lost_id).gateway_refund_id
+    set_row(lost_id, gateway_refund_id=None)
+    set_row(in_review, requires_manual_review=True)
+    set_row(already, status="COMPLETED")
+    before = requests_seen(sim)
+
+    ids = [rzp_done, stp_done, stp_failed, rzp_pending, lost_id, in_review, already, 999_999]
+    checked = check_chunk(ids, gateways)
+
+    assert checked.statuses == {
+        rzp_done: "COMPLETED",
+        stp_done: "COMPLETED",
+        stp_failed: "FAILED",
+        rzp_pending: "PROCESSING",
+        lost_id: "COMPLETED",
+        in_review: "PROCESSING",  # reported as it is, not asked about
+        already: "COMPLETED",
+    }
+    assert list(checked.failed) == [999_999] and isinstance(checked.failed[999_999], NotFound)
+    assert checked.retry == {} and checked.deferred == {}
+    for refund_id, status in checked.statuses.items():
+        assert refund(refund_id).status == status
+    assert refund(lost_id).gateway_refund_id == lost_gateway_id  # learned from the lookup
+    assert refund(stp_failed).last_error == "gateway says failed"
+    # One question per refund that needed one: nothing for the finished or reviewed ones.
+    after = requests_seen(sim)
+    asked = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key)}
+    assert asked == {
+        "razorpay.refund.fetch": 2,
+        "stripe.refund.fetch": 2,
+        "stripe.refund.list": 1,
+    }
+    with session_scope() as session:
+        audit = session.execute(
+            select(
+                StateTransition.entity_id, StateTransition.to_status, StateTransition.actor
+            ).where(StateTransition.actor == "test.chunk")
+        ).all()
+    assert sorted(audit) == sorted(
+        [
+            (rzp_done, "COMPLETED", "test.chunk"),
+            (stp_done, "COMPLETED", "test.chunk"),
+            (stp_failed, "FAILED", "test.chunk"),
+            (lost_id, "COMPLETED", "test.chunk"),
+        ]
+    )
+    # Asked again, nothing moves twice and the gateways are asked only about the pending one.
+    again = check_chunk(ids, gateways)
+    assert again.statuses == checked.statuses
+    assert sum(requests_seen(sim).values()) == sum(after.values()) + 1
+
+
+def test_a_chunk_keeps_its_answers_and_reports_what_it_could_not_learn(
+    committed: Engine, sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    from workers.models import DeadLetter
+
+    answered = processing(sim, gateways, "razorpay")
+    unknown_at_gateway = processing(sim, gateways, "razorpay")
+    busy = processing(sim, gateways, "stripe")
+    settle(sim, answered, "processed")
+    set_row(unknown_at_gateway, gateway_refund_id="rfnd_NoSuchRefund01")
+    sim.add_fault("stripe.refund.fetch", "503", remaining=1)
+
+    with session_scope() as session:
+        checked = check_refunds(
+            session,
+            [answered, unknown_at_gateway, busy],
+            Clock(),
+            gateways.__getitem__,
+            concurrency=3,
+        )
+        finish_checks(session, checked, task_id="t-1", now=T0, max_countdown=900)
+
+    assert checked.statuses == {answered: "COMPLETED"}
+    assert list(checked.retry) == [busy] and isinstance(checked.retry[busy], GatewayTransient)
+    assert list(checked.failed) == [unknown_at_gateway]
+    assert isinstance(checked.failed[unknown_at_gateway], GatewayPermanent)
+    assert refund(answered).status == "COMPLETED"
+    assert refund(busy).status == "PROCESSING" and "503" in (refund(busy).last_error or "")
+    assert "does not exist" in (refund(unknown_at_gateway).last_error or "")
+    with session_scope() as session:
+        letters = session.scalars(select(DeadLetter)).all()
+        assert [(d.task_name, d.payload, d.classification) for d in letters] == [
+            ("refunds.check", {"refund_id": unknown_at_gateway}, "PERMANENT")
+        ]
+    assert queued(redis) == []  # nothing deferred
+    with pytest.raises(GatewayTransient):
+        checked.outcome(busy)  # the single-refund task would retry it
+
+
+def test_an_open_breaker_holds_back_its_gateways_refunds_and_sends_them_later(
+    committed: Engine, sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    from workers.errors import Defer
+    from workers.gateways.breaker import Breakers, GuardedGateway, make_breaker
+
+    rzp = processing(sim, gateways, "razorpay")
+    stp = [processing(sim, gateways, "stripe") for _ in range(2)]
+    for refund_id in [rzp, *stp]:
+        settle(sim, refund_id, SETTLED["razorpay" if refund_id == rzp else "stripe"])
+    breaker = make_breaker("stripe", fail_max=1, reset_seconds=60, redis=redis)
+    guarded = {
+        "razorpay": gateways["razorpay"],
+        "stripe": GuardedGateway(
+            gateways["stripe"], Breakers("stripe", fail_max=1, reset_seconds=60, redis=redis)
+        ),
+    }
+    breaker.open()
+    before = requests_seen(sim)
+    with session_scope() as session:
+        checked = check_refunds(session, [rzp, *stp], Clock(), guarded.__getitem__, concurrency=4)
+        finish_checks(session, checked, task_id=None, now=T0, max_countdown=900)
+    assert checked.statuses == {rzp: "COMPLETED"}
+    assert sorted(checked.deferred) == stp and all(50 < s <= 60 for s in checked.deferred.values())
+    assert requests_seen(sim).get("stripe.refund.fetch", 0) == before.get("stripe.refund.fetch", 0)
+    assert [refund(refund_id).status for refund_id in stp] == ["PROCESSING", "PROCESSING"]
+    [(name, kwargs)] = queued(redis)
+    assert (name, kwargs) == ("refunds.check_many", {"refund_ids": stp})
+    [raw] = redis.lrange("critical", 0, -1)
+    assert json.loads(raw)["headers"]["eta"] is not None  # sent with the breaker's wait
+    with pytest.raises(Defer):
+        checked.outcome(stp[0])

@@ -6,6 +6,8 @@ do not. While the breaker is open, work for that gateway is deferred without bei
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -49,12 +51,44 @@ def make_breaker(
     )
 
 
+class Breakers:
+    """A gateway's breaker for the calling thread.
+
+    `CircuitBreaker.call` holds the breaker object's lock for the whole call, so threads that
+    share one object talk to the gateway one at a time. With Redis the state is shared anyway
+    (between processes, and so between threads): each thread gets its own breaker object on
+    that state, as each process does. Without Redis the state lives in the object, so all
+    threads share one.
+    """
+
+    def __init__(
+        self, name: str, *, fail_max: int, reset_seconds: float, redis: Any | None
+    ) -> None:
+        self._make = functools.partial(
+            make_breaker, name, fail_max=fail_max, reset_seconds=reset_seconds, redis=redis
+        )
+        self._shared = self._make() if redis is None else None
+        self._local = threading.local()
+
+    def __call__(self) -> pybreaker.CircuitBreaker:
+        if self._shared is not None:
+            return self._shared
+        breaker = getattr(self._local, "breaker", None)
+        if breaker is None:
+            breaker = self._local.breaker = self._make()
+        return breaker
+
+
 class GuardedGateway:
     """A gateway whose every call goes through its breaker."""
 
-    def __init__(self, gateway: Gateway, breaker: pybreaker.CircuitBreaker) -> None:
-        self._gateway, self.breaker = gateway, breaker
+    def __init__(self, gateway: Gateway, breakers: Callable[[], pybreaker.CircuitBreaker]) -> None:
+        self._gateway, self._breakers = gateway, breakers
         self.name, self.key_ttl = gateway.name, gateway.key_ttl
+
+    @property
+    def breaker(self) -> pybreaker.CircuitBreaker:
+        return self._breakers()
 
     def open_for(self) -> float:
         """Seconds until the breaker lets a trial call through; 0 when calls may go now."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import razorpay
 import razorpay.errors
 import requests
+import requests.adapters
 
 from workers.gateways.base import (
     GatewayPayment,
@@ -37,9 +38,21 @@ class RazorpayGateway:
     # only means an unknown outcome is looked up before it is sent again, which is always safe.
     key_ttl: timedelta | None = timedelta(hours=24)
 
-    def __init__(self, key_id: str, key_secret: str, base_url: str | None, timeout: float):
+    def __init__(
+        self,
+        key_id: str,
+        key_secret: str,
+        base_url: str | None,
+        timeout: float,
+        connections: int = 10,
+    ):
         self._status = threading.local()
         session = requests.Session()
+        # One session is shared by the threads that call the gateway at once: keep a
+        # connection for each of them (requests keeps 10 per host by default).
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
         session.hooks["response"].append(self._remember_status)
         options = {"base_url": base_url.rstrip("/")} if base_url else {}
         self._client = razorpay.Client(session=session, auth=(key_id, key_secret), **options)

@@ -7,7 +7,7 @@ from typing import Any
 
 from config import Settings, get_settings
 from workers.gateways.base import Gateway, GatewayPermanent
-from workers.gateways.breaker import GuardedGateway, make_breaker
+from workers.gateways.breaker import Breakers, GuardedGateway
 from workers.gateways.razorpay import RazorpayGateway
 from workers.gateways.stripe import StripeGateway
 
@@ -26,13 +26,13 @@ def get_gateway(name: str) -> Gateway:
 def _build(name: str) -> Gateway:
     settings = get_settings()
     adapter = _adapter(name, settings)  # first: a gateway without credentials says so
-    breaker = make_breaker(
+    breakers = Breakers(
         name,
         fail_max=settings.BREAKER_FAIL_MAX,
         reset_seconds=settings.BREAKER_RESET_SECONDS,
         redis=_redis(settings),
     )
-    return GuardedGateway(adapter, breaker)
+    return GuardedGateway(adapter, breakers)
 
 
 def _redis(settings: Settings) -> Any | None:
@@ -55,6 +55,7 @@ def _adapter(name: str, settings: Settings) -> Gateway:
             settings.RAZORPAY_KEY_SECRET.get_secret_value(),
             settings.RAZORPAY_BASE_URL,
             timeout,
+            connections=max(10, settings.GATEWAY_CONCURRENCY),
         )
     if name == "stripe":
         if not settings.STRIPE_API_KEY:
