@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import traceback as tb
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -44,3 +45,24 @@ def record_dead_letter(
             .returning(DeadLetter.id)
         ).scalar_one()
     )
+
+
+# -- replay preconditions ------------------------------------------------------------------------
+
+# Before a dead letter is replayed, the task's precheck looks at the rows the payload names, in
+# the replay's own transaction: it returns why the replay is unnecessary (the refund is already
+# COMPLETED, the hold already final), or None to replay. It may also prepare the rows for the
+# replay (a DEAD notification back to PENDING), audited, in that same transaction.
+Precheck = Callable[[Session, dict[str, Any], str], str | None]
+
+PRECHECKS: dict[str, Precheck] = {}
+
+
+def precheck(task_name: str) -> Callable[[Precheck], Precheck]:
+    """Register `fn(session, payload, actor) -> reason_unnecessary | None` for `task_name`."""
+
+    def register(fn: Precheck) -> Precheck:
+        PRECHECKS[task_name] = fn
+        return fn
+
+    return register
