@@ -25,6 +25,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": parse_cron(settings.REFUND_RETRY_CRON),
             "options": {"queue": "critical"},
         },
+        "triage-dead-letters": {
+            "task": "dlq.triage",
+            "schedule": parse_cron(settings.DLQ_TRIAGE_CRON),
+            "options": {"queue": "default"},
+        },
         "check-schedules": {
             "task": "ops.check_schedules",
             "schedule": CHECK_SCHEDULES_EVERY,
@@ -70,4 +75,5 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         "holds.sweep_expired": sweep * 6 + timedelta(seconds=30),
         "refunds.retry_stuck": longest_gap(parse_cron(settings.REFUND_RETRY_CRON))
         + timedelta(minutes=10),
+        "dlq.triage": longest_gap(parse_cron(settings.DLQ_TRIAGE_CRON)) + timedelta(minutes=10),
     }

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     NOTIFY_BACKOFF_SECONDS: PositiveInt = 60
     DLQ_TRIAGE_CRON: Cron = "*/15 * * * *"
     DLQ_MANUAL_AFTER_SECONDS: PositiveInt = 86400
+    # Automatic replays of one dead letter before it goes to manual review; letters claimed
+    # per triage statement; a replay with no outcome after this long goes to manual review.
+    DLQ_REPLAY_BUDGET: Annotated[int, Field(ge=0)] = 3
+    DLQ_TRIAGE_BATCH: Annotated[int, Field(ge=1, le=50_000)] = 5000
+    DLQ_REPLAY_STALE_SECONDS: PositiveInt = 21600
 
     # Transient-error retries of every task: exponential from TASK_RETRY_BASE_SECONDS, capped.
     TASK_MAX_RETRIES: Annotated[int, Field(ge=0)] = 8

@@ -28,6 +28,7 @@ TABLES = (
     "refunds",
     "payments",
     "notifications",
+    "dead_letter_events",
     "dead_letters",
     "webhook_events",
     "job_runs",

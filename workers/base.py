@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from config.celery import max_countdown
+from workers import dlq
 from workers.db import session_scope
-from workers.dlq import record_dead_letter
 from workers.enqueue import enqueue_after_commit, send
 from workers.errors import (
     Classification,
@@ -71,17 +71,26 @@ class BackstopTask(Task):  # type: ignore[misc]
             payload = self.validate_payload(args, kwargs)
             with session_scope() as session:
                 ctx = TaskContext(session, utcnow(), request.id, self.name, request.retries or 0)
-                return self.body(ctx) if payload is None else self.body(ctx, payload)
+                result = self.body(ctx) if payload is None else self.body(ctx, payload)
+                letter = self.dead_letter_id()
+                if letter is not None:  # a replay: its letter closes with the work
+                    dlq.replay_succeeded(session, letter, request.id, utcnow())
+                return result
         except Retry:
             raise
         except Defer as later:
             countdown = min(max(later.seconds, 1.0), max_countdown(get_settings()))
             log.info("task.deferred", extra={"reason": str(later), "countdown": round(countdown)})
-            send(self.name, dict(kwargs), countdown=countdown)
+            send(self.name, dict(kwargs), countdown=countdown, headers=self.request.headers)
             return "deferred"
         except Exception as exc:
             self.handle_error(exc, args, kwargs)
             raise
+
+    def dead_letter_id(self) -> int | None:
+        """The dead letter this run replays, from the message header `dlq.replay` sets."""
+        value = (self.request.headers or {}).get(dlq.HEADER)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def validate_payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload | None:
         if args:
@@ -117,7 +126,18 @@ class BackstopTask(Task):  # type: ignore[misc]
             payload["__args__"] = list(args)
         try:
             with session_scope() as session:
-                letter = record_dead_letter(
+                replayed = self.dead_letter_id()
+                letter = replayed and dlq.replay_failed(
+                    session,
+                    replayed,
+                    task_id=self.request.id,
+                    payload=payload,
+                    error=exc,
+                    attempts=retries + 1,
+                    classification=kind,
+                    now=utcnow(),
+                )
+                letter = letter or dlq.record_dead_letter(
                     session,
                     task_name=self.name,
                     task_id=self.request.id,

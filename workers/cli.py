@@ -136,5 +136,13 @@ def demo_prune_broker() -> None:
     click.echo(f"embedded broker: {removed} stale event messages removed", err=True)
 
 
+def _add_commands() -> None:
+    from workers.dlq_cli import dlq
+
+    main.add_command(dlq)
+
+
+_add_commands()
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,17 +1,42 @@
-"""The dead-letter table: where every task's terminal failure is kept, payload and all."""
+"""The dead-letter queue: where every task's terminal failure is kept, payload and all; its
+triage (rules in `workers/dlq_rules.py`), and the operator's replay and discard.
+
+A replay sends the letter's task again, by name, as a fresh message carrying the letter's id in
+a header. The base task closes the letter in the same transaction as the replayed work when it
+succeeds (RETRYING -> REPLAYED), or records the new failure on the same letter when it fails
+again (RETRYING -> NEW, to be triaged again, its replay budget deciding). Every status change
+goes through the audited transition helper (actor, reason, time in `state_transitions`);
+`dead_letter_events` adds what the audit row cannot hold: the rule, the edit's diff, the replay
+task's id.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
+import math
 import traceback as tb
-from collections.abc import Callable
-from datetime import datetime
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from workers.errors import Classification, one_line
-from workers.models import DeadLetter
+from workers.db import claim, transition, transition_batch
+from workers.db.transitions import InvalidTransition
+from workers.dlq_rules import RULES, Rule, match
+from workers.enqueue import enqueue_after_commit
+from workers.errors import Classification, PermanentError, one_line
+from workers.models import DeadLetter, DeadLetterEvent
+
+log = logging.getLogger("backstop.dlq")
+
+# The message header that ties a replayed task to its dead letter.
+HEADER = "backstop_dead_letter_id"
+OPEN = ("NEW", "RETRYING", "MANUAL_REVIEW")
 
 
 def record_dead_letter(
@@ -32,10 +57,10 @@ def record_dead_letter(
             .values(
                 task_name=task_name,
                 task_id=task_id,
-                payload=payload,
+                payload=storable(payload),
                 error_type=type(error).__name__,
-                error_message=one_line(error)[:4000],
-                traceback="".join(tb.format_exception(error))[-20000:],
+                error_message=storable(one_line(error)[:4000]),
+                traceback=storable("".join(tb.format_exception(error))[-20000:]),
                 attempts=attempts,
                 classification=classification.value,
                 status="NEW",
@@ -47,6 +72,26 @@ def record_dead_letter(
     )
 
 
+def storable(value: Any) -> Any:
+    """JSON and text as Postgres can keep them: its text cannot hold NUL characters, and a
+    dead letter that cannot be written would be retried for ever. NUL becomes U+FFFD, and a
+    float JSON cannot hold (inf, nan) its name."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no Infinity or NaN
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    return value
+
+
+def add_events(session: Session, events: list[dict[str, Any]]) -> None:
+    if events:
+        session.execute(insert(DeadLetterEvent), events)
+
+
 # -- replay preconditions ------------------------------------------------------------------------
 
 # Before a dead letter is replayed, the task's precheck looks at the rows the payload names, in
@@ -54,8 +99,12 @@ def record_dead_letter(
 # COMPLETED, the hold already final), or None to replay. It may also prepare the rows for the
 # replay (a DEAD notification back to PENDING), audited, in that same transaction.
 Precheck = Callable[[Session, dict[str, Any], str], str | None]
+# The same for many letters of one task at once (triage replays thousands): one query, not one
+# per letter. Returns one answer per payload, in order.
+BatchPrecheck = Callable[[Session, list[dict[str, Any]], str], list[str | None]]
 
 PRECHECKS: dict[str, Precheck] = {}
+BATCH_PRECHECKS: dict[str, BatchPrecheck] = {}
 
 
 def precheck(task_name: str) -> Callable[[Precheck], Precheck]:
@@ -66,3 +115,488 @@ def precheck(task_name: str) -> Callable[[Precheck], Precheck]:
         return fn
 
     return register
+
+
+def batch_precheck(task_name: str) -> Callable[[BatchPrecheck], BatchPrecheck]:
+    """Register `fn(session, payloads, actor) -> [reason_unnecessary | None, ...]`; it serves
+    single replays too."""
+
+    def register(fn: BatchPrecheck) -> BatchPrecheck:
+        BATCH_PRECHECKS[task_name] = fn
+        PRECHECKS.setdefault(
+            task_name, lambda session, payload, actor: fn(session, [payload], actor)[0]
+        )
+        return fn
+
+    return register
+
+
+def run_prechecks(
+    session: Session, task_name: str, payloads: list[dict[str, Any]], actor: str
+) -> list[str | None]:
+    registered_tasks()  # the task modules register their prechecks when imported
+    if task_name in BATCH_PRECHECKS:
+        return BATCH_PRECHECKS[task_name](session, payloads, actor)
+    single = PRECHECKS.get(task_name)
+    if single is None:
+        return [None] * len(payloads)
+    return [single(session, payload, actor) for payload in payloads]
+
+
+def registered_tasks() -> dict[str, Any]:
+    """The tasks a letter can be replayed to (importing the app registers them and their
+    prechecks), by name."""
+    from workers.celery_app import TASK_MODULES, app
+
+    for module in TASK_MODULES:
+        importlib.import_module(module)
+    return {name: task for name, task in app.tasks.items() if not name.startswith("celery.")}
+
+
+def send_replay(session: Session, letter_id: int, task_name: str, payload: dict[str, Any]) -> None:
+    enqueue_after_commit(session, task_name, payload, headers={HEADER: letter_id})
+
+
+# -- triage ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TriagePolicy:
+    manual_after: timedelta  # older letters go to manual review instead of being replayed
+    replay_budget: int  # automatic replays per letter
+    stale_after: timedelta  # a replay with no outcome after this long: manual review
+    batch_size: int = 5000
+    rules: tuple[Rule, ...] = RULES
+
+
+@dataclass
+class TriageCounts:
+    replayed: int = 0
+    manual_review: int = 0
+    discarded: int = 0
+    unnecessary: int = 0  # a replay the precheck found nothing left to do for
+    reclassified: int = 0
+    stale: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def triage(
+    session: Session,
+    now: datetime,
+    policy: TriagePolicy,
+    actor: str = "dlq.triage",
+) -> TriageCounts:
+    """One triage run: re-sort open letters by the rules' classifications, give up on replays
+    that never reported back, then decide every NEW letter, batch by batch, each batch claimed
+    with SKIP LOCKED and committed (two runs at once split the letters, none is replayed twice).
+    Replays are sent after their batch commits."""
+    counts = TriageCounts()
+    counts.reclassified = reclassify(session, policy.rules, now)
+    counts.stale = give_up_stale(session, now, policy, actor)
+    session.commit()
+    while True:
+        taken = triage_batch(session, now, policy, actor, counts)
+        session.commit()
+        if taken < policy.batch_size:
+            return counts
+
+
+def reclassify(session: Session, rules: tuple[Rule, ...], now: datetime) -> int:
+    """Apply every rule's `reclassify` to the NEW and MANUAL_REVIEW letters it matches. NEW
+    ones are then decided under their new classification; ones in manual review stay there,
+    correctly labelled, for `backstop dlq replay --all --classification ...`."""
+    changed = 0
+    for rule in rules:
+        if rule.reclassify is None:
+            continue
+        query = select(
+            DeadLetter.id,
+            DeadLetter.task_name,
+            DeadLetter.error_type,
+            DeadLetter.classification,
+            DeadLetter.error_message,
+        ).where(
+            DeadLetter.status.in_(("NEW", "MANUAL_REVIEW")),
+            DeadLetter.classification != rule.reclassify,
+        )
+        if rule.error_type is not None:
+            query = query.where(DeadLetter.error_type == rule.error_type)
+        if rule.classification is not None:
+            query = query.where(DeadLetter.classification == rule.classification)
+        ids = [row.id for row in session.execute(query) if rule.matches(row)]
+        for start in range(0, len(ids), 5000):
+            chunk = ids[start : start + 5000]
+            session.execute(
+                update(DeadLetter)
+                .where(DeadLetter.id.in_(chunk))
+                .values(classification=rule.reclassify, rule=rule.name, updated_at=now)
+            )
+        changed += len(ids)
+    return changed
+
+
+def give_up_stale(session: Session, now: datetime, policy: TriagePolicy, actor: str) -> int:
+    stale = claim(
+        select(DeadLetter.id)
+        .where(
+            DeadLetter.status == "RETRYING",
+            DeadLetter.last_replayed_at <= now - policy.stale_after,
+        )
+        .order_by(DeadLetter.id),
+        policy.batch_size,
+    )
+    return len(
+        transition_batch(
+            session,
+            "dead_letters",
+            stale,
+            "RETRYING",
+            "MANUAL_REVIEW",
+            actor=actor,
+            reason=f"the replay reported no outcome within {policy.stale_after}",
+            now=now,
+        )
+    )
+
+
+def triage_batch(
+    session: Session, now: datetime, policy: TriagePolicy, actor: str, counts: TriageCounts
+) -> int:
+    rows = session.execute(
+        claim(
+            select(
+                DeadLetter.id,
+                DeadLetter.task_name,
+                DeadLetter.error_type,
+                DeadLetter.error_message,
+                DeadLetter.classification,
+                DeadLetter.created_at,
+                DeadLetter.replays,
+                DeadLetter.payload,
+            )
+            .where(DeadLetter.status == "NEW")
+            .order_by(DeadLetter.id),
+            policy.batch_size,
+        )
+    ).all()
+    if not rows:
+        return 0
+    # (to status, rule, reason) -> ids; replays by task, for their prechecks.
+    decided: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    replays: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        rule = match(row, policy.rules)
+        if rule.action == "discard":
+            decided[("DISCARDED", rule.name, rule.reason)].append(row.id)
+        elif rule.action == "manual":
+            decided[("MANUAL_REVIEW", rule.name, rule.reason)].append(row.id)
+        elif now - row.created_at > policy.manual_after:
+            reason = f"too old to replay automatically (older than {policy.manual_after})"
+            decided[("MANUAL_REVIEW", rule.name, reason)].append(row.id)
+        elif row.replays >= policy.replay_budget:
+            reason = f"out of automatic replays ({row.replays} of {policy.replay_budget})"
+            decided[("MANUAL_REVIEW", rule.name, reason)].append(row.id)
+        else:
+            replays[row.task_name].append(row)
+
+    for task_name, letters in replays.items():
+        answers = run_prechecks(session, task_name, [row.payload for row in letters], actor)
+        for row, unnecessary in zip(letters, answers, strict=True):
+            if unnecessary is None:
+                decided[("RETRYING", "transient", "replayed automatically")].append(row.id)
+            else:
+                counts.unnecessary += 1
+                reason = f"replay unnecessary: {unnecessary}"
+                decided[("DISCARDED", "precheck", reason)].append(row.id)
+
+    for (to, rule_name, reason), ids in decided.items():
+        values: dict[str, Any] = {"rule": rule_name}
+        if to == "RETRYING":
+            values.update(replays=DeadLetter.replays + 1, last_replayed_at=now)
+        elif to == "DISCARDED":
+            values["resolution"] = reason
+        moved = transition_batch(
+            session,
+            "dead_letters",
+            select(DeadLetter.id).where(DeadLetter.id.in_(ids)),
+            "NEW",
+            to,
+            actor=actor,
+            reason=reason,
+            now=now,
+            values=values,
+        )
+        if to == "RETRYING":
+            counts.replayed += len(moved)
+        elif to == "MANUAL_REVIEW":
+            counts.manual_review += len(moved)
+        elif rule_name != "precheck":
+            counts.discarded += len(moved)
+    by_id = {row.id: row for row in rows}
+    for (to, _, _), ids in decided.items():
+        if to == "RETRYING":
+            for letter_id in ids:
+                send_replay(
+                    session, letter_id, by_id[letter_id].task_name, by_id[letter_id].payload
+                )
+    return len(rows)
+
+
+# -- replay and discard, by an operator ---------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    dead_letter_id: int
+    outcome: str  # replayed, unnecessary, skipped, invalid, discarded, not_found
+    detail: str = ""
+    task_name: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+    diff: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ReplayError(PermanentError):
+    """A replay cannot be done as asked (an edited payload that fails validation)."""
+
+
+def payload_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Field by field: {field: [before, after]}, a missing side as null."""
+    return {
+        key: [before.get(key), after.get(key)]
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    }
+
+
+def validate_for(task_name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as the task will validate it; a one-line ReplayError naming the field."""
+    from workers.payloads import validate
+
+    task = registered_tasks().get(task_name)
+    if task is None:
+        raise ReplayError(f"task {task_name!r} is not registered: cannot replay it")
+    model = getattr(task, "payload_model", None)
+    if model is None:
+        if payload:
+            raise ReplayError(f"{task_name} takes no payload (got fields {sorted(payload)})")
+        return payload
+    try:
+        validate(model, payload)
+    except PermanentError as exc:
+        raise ReplayError(f"{task_name}: {exc}") from None
+    return payload
+
+
+def replay(
+    session: Session,
+    letter_ids: Sequence[int],
+    *,
+    actor: str,
+    reason: str,
+    now: datetime,
+    edit: dict[str, Any] | None = None,
+) -> list[Outcome]:
+    """Replay these letters now: each is locked, its task's precheck runs (nothing left to do:
+    the letter is closed as unnecessary, not run), and the rest go to RETRYING and are sent
+    after commit. `edit` replaces the payload (of a single letter), validated against the
+    task's schema, with the diff recorded. Letters already REPLAYED or DISCARDED, or with a
+    replay in flight, are skipped. For a dry run, roll the session back instead of
+    committing: nothing is sent then."""
+    if edit is not None and len(letter_ids) != 1:
+        raise ReplayError("--edit replays exactly one dead letter")
+    letters = {
+        letter.id: letter
+        for letter in session.scalars(
+            select(DeadLetter)
+            .where(DeadLetter.id.in_(sorted(set(letter_ids))))
+            .order_by(DeadLetter.id)
+            .with_for_update()
+        )
+    }
+    outcomes = []
+    for letter_id in letter_ids:
+        letter = letters.get(letter_id)
+        if letter is None:
+            outcomes.append(
+                Outcome(letter_id, "not_found", f"dead letter {letter_id} does not exist")
+            )
+            continue
+        outcome = Outcome(letter_id, "", task_name=letter.task_name, payload=letter.payload)
+        outcomes.append(outcome)
+        if letter.status not in ("NEW", "MANUAL_REVIEW"):
+            outcome.outcome, outcome.detail = "skipped", f"it is {letter.status}"
+            continue
+        payload = letter.payload
+        if edit is not None:
+            payload = validate_for(letter.task_name, edit)
+            outcome.diff, outcome.payload = payload_diff(letter.payload, payload), payload
+        unnecessary = run_prechecks(session, letter.task_name, [payload], actor)[0]
+        if unnecessary is not None:
+            outcome.outcome, outcome.detail = "unnecessary", unnecessary
+            transition(
+                session,
+                "dead_letters",
+                letter_id,
+                "DISCARDED",
+                actor=actor,
+                reason=f"replay unnecessary: {unnecessary} ({reason})",
+                now=now,
+                values={"resolution": f"replay unnecessary: {unnecessary}"},
+            )
+            add_events(
+                session,
+                [event(letter_id, "replay_unnecessary", actor, reason, now, why=unnecessary)],
+            )
+            continue
+        transition(
+            session,
+            "dead_letters",
+            letter_id,
+            "RETRYING",
+            actor=actor,
+            reason=reason,
+            now=now,
+            values={
+                "payload": payload,
+                "replays": DeadLetter.replays + 1,
+                "last_replayed_at": now,
+                "rule": "manual",
+            },
+        )
+        detail: dict[str, Any] = {"diff": outcome.diff} if outcome.diff else {}
+        add_events(session, [event(letter_id, "replayed", actor, reason, now, **detail)])
+        send_replay(session, letter_id, letter.task_name, payload)
+        outcome.outcome = "replayed"
+    return outcomes
+
+
+def discard(
+    session: Session, letter_ids: Sequence[int], *, actor: str, reason: str, now: datetime
+) -> list[Outcome]:
+    """Close these open letters for good, with the reason."""
+    if not reason.strip():
+        raise ReplayError("a discard needs a reason")
+    outcomes = []
+    found = dict(
+        session.execute(
+            select(DeadLetter.id, DeadLetter.status)
+            .where(DeadLetter.id.in_(sorted(set(letter_ids))))
+            .order_by(DeadLetter.id)
+            .with_for_update()
+        ).all()
+    )
+    for letter_id in letter_ids:
+        status = found.get(letter_id)
+        if status is None:
+            outcomes.append(
+                Outcome(letter_id, "not_found", f"dead letter {letter_id} does not exist")
+            )
+        elif status not in OPEN:
+            outcomes.append(Outcome(letter_id, "skipped", f"it is {status}"))
+        else:
+            transition(
+                session,
+                "dead_letters",
+                letter_id,
+                "DISCARDED",
+                actor=actor,
+                reason=reason,
+                now=now,
+                values={"resolution": reason, "rule": "manual"},
+            )
+            add_events(session, [event(letter_id, "discarded", actor, reason, now)])
+            outcomes.append(Outcome(letter_id, "discarded"))
+    return outcomes
+
+
+def event(
+    letter_id: int, action: str, actor: str, reason: str | None, now: datetime, **detail: Any
+) -> dict[str, Any]:
+    return {
+        "dead_letter_id": letter_id,
+        "action": action,
+        "actor": actor[:128],
+        "reason": reason,
+        "detail": detail,
+        "at": now,
+    }
+
+
+# -- the replayed task reports back (called by the base task) -----------------------------------
+
+
+def replay_succeeded(session: Session, letter_id: int, task_id: str | None, now: datetime) -> None:
+    """In the replayed task's own transaction: the letter is done."""
+    try:
+        moved = transition(
+            session,
+            "dead_letters",
+            letter_id,
+            "REPLAYED",
+            actor="worker",
+            reason=f"the replay succeeded (task {task_id})",
+            now=now,
+        )
+    except (InvalidTransition, PermanentError) as exc:  # discarded meanwhile, or gone
+        log.warning(
+            "dead_letter.replay_unexpected",
+            extra={"dead_letter_id": letter_id, "error": one_line(exc)},
+        )
+        return
+    if moved.changed:
+        add_events(
+            session, [event(letter_id, "replay_succeeded", "worker", None, now, task_id=task_id)]
+        )
+
+
+def replay_failed(
+    session: Session,
+    letter_id: int,
+    *,
+    task_id: str | None,
+    payload: dict[str, Any],
+    error: BaseException,
+    attempts: int,
+    classification: Classification,
+    now: datetime,
+) -> int | None:
+    """The replay failed for good: the same letter takes the new failure and goes back to NEW
+    for triage. Returns its id, or None when the letter is no longer RETRYING (the caller then
+    writes a new letter)."""
+    status = session.execute(
+        select(DeadLetter.status).where(DeadLetter.id == letter_id).with_for_update()
+    ).scalar_one_or_none()
+    if status != "RETRYING":
+        return None
+    session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.id == letter_id)
+        .values(
+            task_id=task_id,
+            payload=storable(payload),
+            error_type=type(error).__name__,
+            error_message=storable(one_line(error)[:4000]),
+            traceback=storable("".join(tb.format_exception(error))[-20000:]),
+            attempts=DeadLetter.attempts + attempts,
+            classification=classification.value,
+        )
+    )
+    transition(
+        session,
+        "dead_letters",
+        letter_id,
+        "NEW",
+        actor="worker",
+        reason=f"the replay failed again: {type(error).__name__}",
+        now=now,
+    )
+    add_events(
+        session,
+        [event(letter_id, "replay_failed", "worker", one_line(error)[:500], now, task_id=task_id)],
+    )
+    return letter_id

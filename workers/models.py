@@ -200,6 +200,12 @@ class DeadLetter(Timestamps, Base):
         ),
         Index("ix_dead_letters_status_created_at", "status", "created_at"),
         Index("ix_dead_letters_task_name", "task_name"),
+        Index(
+            "ix_dead_letters_new",
+            "id",
+            postgresql_where=text("status = 'NEW'"),
+            sqlite_where=text("status = 'NEW'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -212,6 +218,25 @@ class DeadLetter(Timestamps, Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="1")
     classification: Mapped[str] = mapped_column(String(16), server_default="UNKNOWN")
     status: Mapped[str] = mapped_column(String(16), server_default="NEW")
+    replays: Mapped[int] = mapped_column(Integer, server_default="0")  # replays sent so far
+    rule: Mapped[str | None] = mapped_column(String(64))  # the triage rule that decided last
+    resolution: Mapped[str | None] = mapped_column(Text)  # why it was closed
+    last_replayed_at: Mapped[datetime | None]
+
+
+class DeadLetterEvent(Base):
+    """What happened to a dead letter: triaged, replayed, edited, discarded; who, why, when."""
+
+    __tablename__ = "dead_letter_events"
+    __table_args__ = (Index("ix_dead_letter_events_dead_letter_id", "dead_letter_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    dead_letter_id: Mapped[int] = mapped_column(ForeignKey("dead_letters.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    at: Mapped[datetime] = mapped_column(server_default=NOW)
 
 
 class WebhookEvent(Base):

@@ -31,6 +31,12 @@ class CheckRefunds(Payload):
     refund_ids: Annotated[list[Id], Field(min_length=1, max_length=1_000)]
 
 
+class ReplayDeadLetter(Payload):
+    dead_letter_id: Id
+    actor: Annotated[str, Field(min_length=1, max_length=128)]
+    reason: Annotated[str, Field(min_length=1, max_length=500)] = "replayed through dlq.replay"
+
+
 class HoldsExpired(Payload):
     hold_ids: Annotated[list[Id], Field(min_length=1, max_length=10_000)]
 

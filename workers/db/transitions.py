@@ -61,6 +61,9 @@ MACHINES: dict[str, dict[str, frozenset[str]]] = {
         "DEAD": frozenset({"PENDING"}),
     },
     "dead_letters": {
+        # Added to the contract's machine: a replay that failed again is a new failure,
+        # triaged again (its replay budget decides).
+        "NEW": frozenset({"RETRYING"}),
         "RETRYING": frozenset({"NEW", "MANUAL_REVIEW"}),
         "REPLAYED": frozenset({"RETRYING"}),
         "MANUAL_REVIEW": frozenset({"NEW", "RETRYING"}),

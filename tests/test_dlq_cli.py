@@ -1,0 +1,105 @@
+"""`backstop dlq` on real Postgres and Redis: list, show, replay (by id, --all, --dry-run,
+--payload, --edit through a real $EDITOR), discard; clear one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from click.testing import CliRunner
+from sqlalchemy import Engine
+
+from tests.workers.factories import add_hold
+from tests.workers.test_dlq import letter, row, sent
+from workers.cli import main
+from workers.db import session_scope
+from workers.errors import PayloadError
+
+
+def run(*args: str, **env: str) -> Any:
+    result = CliRunner().invoke(main, list(args), env={"BACKSTOP_ACTOR": "ops:carol", **env})
+    return result
+
+
+@pytest.fixture
+def hold(committed: Engine) -> int:
+    with session_scope() as session:
+        return add_hold(session, datetime.now(UTC) + timedelta(hours=1))
+
+
+def test_list_groups_by_error_and_filters(committed: Engine, hold: int) -> None:
+    letter("holds.expire", {"hold_id": hold})
+    letter("holds.expire", {"hold_id": hold})
+    letter("refunds.submit", {"refund_id": 1}, PayloadError("invalid payload: refund_id"))
+    result = run("dlq", "list", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    counts = {(c["task_name"], c["error_type"]): c["count"] for c in data["counts"]}
+    assert counts == {("holds.expire", "TransientError"): 2, ("refunds.submit", "PayloadError"): 1}
+    only = json.loads(run("dlq", "list", "--task", "refunds.*", "--json").output)
+    assert [item["task_name"] for item in only["letters"]] == ["refunds.submit"]
+    by_error = json.loads(run("dlq", "list", "--error", "PayloadError", "--json").output)
+    assert len(by_error["letters"]) == 1
+    text = run("dlq", "list").output
+    assert "holds.expire / TransientError" in text
+    bad = run("dlq", "list", "--older-than", "soon")
+    assert bad.exit_code == 2 and "'soon' is not a duration" in bad.output
+
+
+def test_show_prints_payload_error_and_history(committed: Engine, hold: int) -> None:
+    letter_id = letter("holds.expire", {"hold_id": hold})
+    assert run("dlq", "discard", str(letter_id), "--reason", "test data").exit_code == 0
+    data = json.loads(run("dlq", "show", str(letter_id), "--json").output)
+    assert data["payload"] == {"hold_id": hold} and data["status"] == "DISCARDED"
+    assert "TransientError" in data["traceback"]
+    whats = [(item["what"], item["actor"]) for item in data["history"]]
+    assert ("NEW -> DISCARDED", "ops:carol") in whats and ("discarded", "ops:carol") in whats
+    missing = run("dlq", "show", "9999")
+    assert missing.exit_code == 1 and "dead letter 9999 does not exist" in missing.output
+
+
+def test_dry_run_changes_and_sends_nothing(
+    committed: Engine, redis: redis_lib.Redis, hold: int
+) -> None:
+    ids = [letter("holds.expire", {"hold_id": hold}) for _ in range(3)]
+    result = run("dlq", "replay", "--all", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    outcomes = json.loads(result.output)["outcomes"]
+    assert [o["outcome"] for o in outcomes] == ["replayed"] * 3
+    assert [row(i).status for i in ids] == ["NEW"] * 3 and sent(redis) == []
+    refused = run("dlq", "replay", "--all")  # not a terminal, no --yes
+    assert refused.exit_code == 1 and "without --yes" in refused.output
+    done = run("dlq", "replay", "--all", "--task", "holds.*", "--yes")
+    assert done.exit_code == 0 and "3 replayed" in done.output
+    assert [row(i).status for i in ids] == ["RETRYING"] * 3 and len(sent(redis)) == 3
+
+
+def test_replay_with_a_corrected_payload(
+    committed: Engine, redis: redis_lib.Redis, hold: int, tmp_path: Path
+) -> None:
+    bad = letter("holds.expire", {"hold_id": str(hold)}, PayloadError("invalid payload: hold_id"))
+    wrong = run("dlq", "replay", str(bad), "--payload", '{"hold_id": "x"}')
+    assert wrong.exit_code == 1
+    assert "holds.expire: invalid payload: hold_id: Input should be a valid integer" in wrong.output
+    # --edit opens $EDITOR on the payload: a real editor process rewrites the file.
+    editor = tmp_path / "editor"
+    editor.write_text(f'#!/bin/sh\nprintf \'{{"hold_id": {hold}}}\' > "$1"\n')
+    editor.chmod(editor.stat().st_mode | stat.S_IEXEC)
+    result = run("dlq", "replay", str(bad), "--edit", "--json", EDITOR=str(editor))
+    assert result.exit_code == 0, result.output
+    [outcome] = json.loads(result.output)["outcomes"]
+    assert outcome["diff"] == {"hold_id": [str(hold), hold]}
+    assert sent(redis) == [("holds.expire", {"hold_id": hold}, bad)]
+    assert os.environ.get("EDITOR") != str(editor)  # the test's editor did not leak
+
+
+def test_usage_errors_are_one_line(committed: Engine) -> None:
+    assert "give dead letter ids, or --all" in run("dlq", "replay").output
+    result = run("dlq", "discard", "1")
+    assert result.exit_code == 2 and "Missing option '--reason'" in result.output

@@ -1,0 +1,300 @@
+"""Dead-letter triage, replay and discard on real Postgres; replays land in the real Redis
+queue (read back from it), prechecks read the real rows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from sqlalchemy import Engine, func, select
+
+from tests.workers.factories import add_hold
+from workers.db import new_session, session_scope
+from workers.dlq import (
+    HEADER,
+    ReplayError,
+    TriagePolicy,
+    discard,
+    record_dead_letter,
+    replay,
+    triage,
+)
+from workers.dlq_rules import RULES, Rule
+from workers.errors import Classification, NotFound, PayloadError, TransientError
+from workers.gateways.base import GatewayPermanent
+from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+
+T0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
+POLICY = TriagePolicy(
+    manual_after=timedelta(days=1),
+    replay_budget=2,
+    stale_after=timedelta(hours=6),
+    batch_size=50,
+)
+
+
+def letter(
+    task: str = "holds.expire",
+    payload: dict[str, Any] | None = None,
+    error: Exception | None = None,
+    created: datetime = T0,
+) -> int:
+    from workers.errors import classify
+
+    error = error or TransientError("database busy")
+    with session_scope() as session:
+        return record_dead_letter(
+            session,
+            task_name=task,
+            task_id="t-1",
+            payload=payload if payload is not None else {"hold_id": 1},
+            error=error,
+            attempts=9,
+            classification=classify(error),
+            now=created,
+        )
+
+
+def row(letter_id: int) -> DeadLetter:
+    with session_scope() as session:
+        found = session.get(DeadLetter, letter_id)
+        assert found is not None
+        session.expunge(found)
+        return found
+
+
+def sent(redis: redis_lib.Redis) -> list[tuple[str, dict[str, Any], Any]]:
+    """Every task message waiting in the broker: (task, kwargs, dead letter header)."""
+    messages = []
+    for queue in ("critical", "default", "notifications", "batch"):
+        for raw in redis.lrange(queue, 0, -1):
+            message = json.loads(raw)
+            _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            messages.append((message["headers"]["task"], kwargs, message["headers"].get(HEADER)))
+    return messages
+
+
+def run_triage(now: datetime = T0 + timedelta(minutes=15), policy: TriagePolicy = POLICY) -> Any:
+    with session_scope() as session:
+        return triage(session, now, policy)
+
+
+def test_triage_sorts_each_letter_by_the_first_rule_that_matches(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, T0 + timedelta(hours=1))
+    transient = letter("holds.expire", {"hold_id": hold})
+    invalid = letter("holds.expire", {"hold_id": "x"}, PayloadError("invalid payload: hold_id"))
+    gone = letter("holds.expire", {"hold_id": 999}, NotFound("booking_holds 999 does not exist"))
+    unknown = letter("refunds.submit", {"refund_id": 5}, RuntimeError("boom"))
+    old = letter("holds.expire", {"hold_id": hold}, created=T0 - timedelta(days=2))
+    busy = letter(
+        "refunds.submit",
+        {"refund_id": 6},
+        GatewayPermanent("razorpay refund.create: HTTP 400: Server is busy, try again later"),
+    )
+
+    counts = run_triage()
+
+    assert row(transient).status == "RETRYING" and row(transient).replays == 1
+    assert (row(invalid).status, row(invalid).rule) == ("MANUAL_REVIEW", "invalid-payload")
+    assert (row(gone).status, row(gone).rule) == ("DISCARDED", "hold-gone")
+    assert "nothing to expire" in (row(gone).resolution or "")
+    assert row(unknown).status == "MANUAL_REVIEW"
+    assert row(old).status == "MANUAL_REVIEW"  # transient, but older than DLQ_MANUAL_AFTER
+    # A provider code the worker sorted as permanent is re-classified by its rule and replayed.
+    assert (row(busy).classification, row(busy).status) == ("TRANSIENT", "RETRYING")
+    assert counts.as_dict() == {
+        "replayed": 2,
+        "manual_review": 3,
+        "discarded": 1,
+        "unnecessary": 0,
+        "reclassified": 1,
+        "stale": 0,
+    }
+    replays = sorted((name, kwargs, header) for name, kwargs, header in sent(redis))
+    assert replays == [
+        ("holds.expire", {"hold_id": hold}, transient),
+        ("refunds.submit", {"refund_id": 6}, busy),
+    ]
+    with session_scope() as session:
+        audit = session.scalar(
+            select(func.count())
+            .select_from(StateTransition)
+            .where(StateTransition.entity == "dead_letters", StateTransition.actor == "dlq.triage")
+        )
+    assert audit == 6  # every decision is an audited transition
+
+
+def test_a_replay_with_nothing_left_to_do_is_recorded_as_unnecessary_not_run(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, T0 - timedelta(minutes=1), status="CONFIRMED")
+    auto = letter("holds.expire", {"hold_id": hold})
+    manual = letter("holds.expire", {"hold_id": hold}, RuntimeError("bug"))
+    counts = run_triage()
+    assert counts.unnecessary == 1 and row(auto).status == "DISCARDED"
+    assert row(auto).resolution == f"replay unnecessary: hold {hold} is already CONFIRMED"
+    with session_scope() as session:
+        [outcome] = replay(session, [manual], actor="ops:alice", reason="bug fixed", now=T0)
+    assert (outcome.outcome, outcome.detail) == ("unnecessary", f"hold {hold} is already CONFIRMED")
+    assert row(manual).status == "DISCARDED"
+    assert sent(redis) == []
+
+
+def test_a_letter_is_replayed_automatically_only_within_its_budget(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, T0 + timedelta(hours=1))
+    letter_id = letter("holds.expire", {"hold_id": hold})
+    for round_ in range(3):
+        run_triage(T0 + timedelta(minutes=15 * (round_ + 1)))
+        if row(letter_id).status == "RETRYING":
+            # What the base task does when the replay fails again.
+            with session_scope() as session:
+                from workers.dlq import replay_failed
+
+                replay_failed(
+                    session,
+                    letter_id,
+                    task_id=f"r{round_}",
+                    payload={"hold_id": hold},
+                    error=TransientError("database busy again"),
+                    attempts=9,
+                    classification=Classification.TRANSIENT,
+                    now=T0 + timedelta(minutes=15 * (round_ + 1), seconds=5),
+                )
+    final = row(letter_id)
+    assert (final.status, final.replays) == ("MANUAL_REVIEW", 2)
+    assert final.error_message == "database busy again" and final.attempts == 9 * 3
+    assert len(sent(redis)) == 2
+
+
+def test_two_triage_runs_at_once_replay_each_letter_at_most_once(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        holds = [add_hold(session, T0 + timedelta(hours=1)) for _ in range(40)]
+    ids = [letter("holds.expire", {"hold_id": hold}) for hold in holds for _ in range(5)]
+    policy = TriagePolicy(**{**POLICY.__dict__, "batch_size": 7})
+    barrier = threading.Barrier(2)
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        session = new_session()
+        try:
+            barrier.wait()
+            results.append(triage(session, T0 + timedelta(minutes=15), policy))
+            session.commit()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            session.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    headers = [header for _, _, header in sent(redis)]
+    assert sorted(headers) == sorted(ids)  # every letter replayed once, none twice
+    assert sum(result.replayed for result in results) == len(ids)
+    assert all(result.replayed > 0 for result in results)  # both runs did part of the work
+
+
+def test_an_edited_replay_is_validated_and_its_diff_recorded(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, T0 + timedelta(hours=1))
+    bad = letter("holds.expire", {"hold_id": "12"}, PayloadError("invalid payload: hold_id"))
+    with session_scope() as session, pytest.raises(ReplayError, match="hold_id"):
+        replay(session, [bad], actor="ops:alice", reason="fix", now=T0, edit={"hold_id": "13"})
+    assert row(bad).status == "NEW" and sent(redis) == []
+    with session_scope() as session:
+        [outcome] = replay(
+            session,
+            [bad],
+            actor="ops:alice",
+            reason="id was a string",
+            now=T0,
+            edit={"hold_id": hold},
+        )
+    assert outcome.outcome == "replayed" and outcome.diff == {"hold_id": ["12", hold]}
+    assert (row(bad).status, row(bad).payload) == ("RETRYING", {"hold_id": hold})
+    assert sent(redis) == [("holds.expire", {"hold_id": hold}, bad)]
+    with session_scope() as session:
+        events = session.execute(
+            select(
+                DeadLetterEvent.action,
+                DeadLetterEvent.actor,
+                DeadLetterEvent.reason,
+                DeadLetterEvent.detail,
+            )
+        ).all()
+    assert events == [
+        ("replayed", "ops:alice", "id was a string", {"diff": {"hold_id": ["12", hold]}})
+    ]
+
+
+def test_discard_needs_a_reason_and_closes_only_open_letters(committed: Engine) -> None:
+    first, second = letter(), letter()
+    with session_scope() as session, pytest.raises(ReplayError, match="reason"):
+        discard(session, [first], actor="ops:bob", reason=" ", now=T0)
+    with session_scope() as session:
+        outcomes = discard(session, [first, 404], actor="ops:bob", reason="duplicate", now=T0)
+    assert [o.outcome for o in outcomes] == ["discarded", "not_found"]
+    with session_scope() as session:
+        again = discard(session, [first, second], actor="ops:bob", reason="dup", now=T0)
+    assert [o.outcome for o in again] == ["skipped", "discarded"]
+    assert (row(first).status, row(first).resolution) == ("DISCARDED", "duplicate")
+    with session_scope() as session:
+        who = session.execute(
+            select(StateTransition.actor, StateTransition.reason).where(
+                StateTransition.entity == "dead_letters", StateTransition.entity_id == first
+            )
+        ).all()
+    assert who == [("ops:bob", "duplicate")]
+
+
+def test_a_replay_that_reports_nothing_goes_to_manual_review(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, T0 + timedelta(hours=1))
+    letter_id = letter("holds.expire", {"hold_id": hold})
+    run_triage(T0)
+    assert row(letter_id).status == "RETRYING"
+    counts = run_triage(T0 + timedelta(hours=7))
+    assert counts.stale == 1 and row(letter_id).status == "MANUAL_REVIEW"
+
+
+def test_rules_are_one_readable_table_and_first_match_wins() -> None:
+    names = [rule.name for rule in RULES]
+    assert len(names) == len(set(names))
+    assert all(rule.action in ("replay", "manual", "discard") for rule in RULES)
+    assert all(rule.reason for rule in RULES)
+    probe = type(
+        "Letter",
+        (),
+        {
+            "task_name": "holds.expire",
+            "error_type": "NotFound",
+            "classification": "PERMANENT",
+            "error_message": "booking_holds 1 does not exist",
+        },
+    )()
+    from workers.dlq_rules import match
+
+    assert match(probe).name == "hold-gone"
+    assert match(probe, (Rule("all", "manual", "x"), *RULES)).name == "all"
