@@ -8,9 +8,9 @@ from typing import Any
 
 from config import get_settings
 from workers.base import TaskContext, task, utcnow
-from workers.dlq import ReplayError, TriagePolicy, replay, triage
+from workers.dlq import ReplayError, TriagePolicy, dispatch, replay, triage
 from workers.jobs import record_run
-from workers.payloads import ReplayDeadLetter
+from workers.payloads import DispatchReplays, ReplayDeadLetter
 
 
 def triage_policy() -> TriagePolicy:
@@ -50,3 +50,9 @@ def replay_one(ctx: TaskContext, payload: ReplayDeadLetter) -> dict[str, Any]:
     if outcome.outcome == "not_found":
         raise ReplayError(outcome.detail)
     return {"outcome": outcome.outcome, "detail": outcome.detail}
+
+
+@task("dlq.dispatch", payload=DispatchReplays)
+def dispatch_replays(ctx: TaskContext, payload: DispatchReplays) -> int:
+    """Send the replays triage decided on (a few hundred letters per task)."""
+    return dispatch(ctx.session, payload.dead_letter_ids)

@@ -119,6 +119,12 @@ def demo_seed(as_json: bool) -> None:
             "http://127.0.0.1:5555",
             err=True,
         )
+        click.echo(
+            f'demo: one holds.expire was sent with "hold_id": "{ids[0]}" (a string) on purpose; '
+            "see its dead letter with `.venv/bin/backstop dlq list` and replay it fixed with "
+            f"`.venv/bin/backstop dlq replay ID --payload '{{\"hold_id\": {ids[0]}}}'`",
+            err=True,
+        )
     else:
         click.echo("demo: the database already has holds; nothing seeded", err=True)
 

@@ -48,6 +48,9 @@ def seed(session: Session, now: datetime, *, holds: int = 24) -> list[int]:
                 {"hold_id": hold_id},
                 countdown=(rows[index]["expires_at"] - now).total_seconds(),
             )
+    # A buggy caller's message (the id as a string): it lands in the dead-letter queue, for
+    # `backstop dlq list` / `dlq replay ID --payload '{"hold_id": N}'` to show and fix.
+    enqueue_after_commit(session, "holds.expire", {"hold_id": str(ids[0])})
     return ids
 
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Text, column, insert, select, update, values
 from sqlalchemy.orm import Session
 
-from workers.db import claim, transition, transition_batch
+from workers.db import claim, is_postgres, transition, transition_batch
 from workers.db.transitions import InvalidTransition
 from workers.dlq_rules import RULES, Rule, match
-from workers.enqueue import enqueue_after_commit
+from workers.enqueue import enqueue_after_commit, send
 from workers.errors import Classification, PermanentError, one_line
 from workers.models import DeadLetter, DeadLetterEvent
 
@@ -157,6 +157,8 @@ def send_replay(session: Session, letter_id: int, task_name: str, payload: dict[
     enqueue_after_commit(session, task_name, payload, headers={HEADER: letter_id})
 
 
+UNNECESSARY = "replay unnecessary: the task's precheck found nothing left to do (see resolution)"
+
 # -- triage ----------------------------------------------------------------------------------
 
 
@@ -204,36 +206,24 @@ def triage(
 
 
 def reclassify(session: Session, rules: tuple[Rule, ...], now: datetime) -> int:
-    """Apply every rule's `reclassify` to the NEW and MANUAL_REVIEW letters it matches. NEW
-    ones are then decided under their new classification; ones in manual review stay there,
-    correctly labelled, for `backstop dlq replay --all --classification ...`."""
+    """Apply every rule's `reclassify` to the NEW and MANUAL_REVIEW letters it matches, one
+    statement per rule. NEW ones are then decided under their new classification; ones in
+    manual review stay there, correctly labelled, for `backstop dlq replay --all
+    --classification ...`."""
     changed = 0
     for rule in rules:
         if rule.reclassify is None:
             continue
-        query = select(
-            DeadLetter.id,
-            DeadLetter.task_name,
-            DeadLetter.error_type,
-            DeadLetter.classification,
-            DeadLetter.error_message,
-        ).where(
-            DeadLetter.status.in_(("NEW", "MANUAL_REVIEW")),
-            DeadLetter.classification != rule.reclassify,
-        )
-        if rule.error_type is not None:
-            query = query.where(DeadLetter.error_type == rule.error_type)
-        if rule.classification is not None:
-            query = query.where(DeadLetter.classification == rule.classification)
-        ids = [row.id for row in session.execute(query) if rule.matches(row)]
-        for start in range(0, len(ids), 5000):
-            chunk = ids[start : start + 5000]
-            session.execute(
-                update(DeadLetter)
-                .where(DeadLetter.id.in_(chunk))
-                .values(classification=rule.reclassify, rule=rule.name, updated_at=now)
+        changed += session.execute(
+            update(DeadLetter)
+            .where(
+                DeadLetter.status.in_(("NEW", "MANUAL_REVIEW")),
+                DeadLetter.classification != rule.reclassify,
+                rule.where(),
             )
-        changed += len(ids)
+            .values(classification=rule.reclassify, rule=rule.name, updated_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
     return changed
 
 
@@ -274,7 +264,6 @@ def triage_batch(
                 DeadLetter.classification,
                 DeadLetter.created_at,
                 DeadLetter.replays,
-                DeadLetter.payload,
             )
             .where(DeadLetter.status == "NEW")
             .order_by(DeadLetter.id),
@@ -286,6 +275,7 @@ def triage_batch(
     # (to status, rule, reason) -> ids; replays by task, for their prechecks.
     decided: dict[tuple[str, str, str], list[int]] = defaultdict(list)
     replays: dict[str, list[Any]] = defaultdict(list)
+    resolutions: dict[int, str] = {}  # what each precheck said, letter by letter
     for row in rows:
         rule = match(row, policy.rules)
         if rule.action == "discard":
@@ -301,22 +291,31 @@ def triage_batch(
         else:
             replays[row.task_name].append(row)
 
+    payloads = dict(
+        session.execute(
+            select(DeadLetter.id, DeadLetter.payload).where(
+                DeadLetter.id.in_([row.id for letters in replays.values() for row in letters])
+            )
+        ).all()
+        if replays
+        else []
+    )
     for task_name, letters in replays.items():
-        answers = run_prechecks(session, task_name, [row.payload for row in letters], actor)
+        answers = run_prechecks(session, task_name, [payloads[row.id] for row in letters], actor)
         for row, unnecessary in zip(letters, answers, strict=True):
             if unnecessary is None:
                 decided[("RETRYING", "transient", "replayed automatically")].append(row.id)
             else:
                 counts.unnecessary += 1
-                reason = f"replay unnecessary: {unnecessary}"
-                decided[("DISCARDED", "precheck", reason)].append(row.id)
+                resolutions[row.id] = f"replay unnecessary: {unnecessary}"
+                decided[("DISCARDED", "precheck", UNNECESSARY)].append(row.id)
 
     for (to, rule_name, reason), ids in decided.items():
-        values: dict[str, Any] = {"rule": rule_name}
+        assign: dict[str, Any] = {"rule": rule_name}
         if to == "RETRYING":
-            values.update(replays=DeadLetter.replays + 1, last_replayed_at=now)
-        elif to == "DISCARDED":
-            values["resolution"] = reason
+            assign.update(replays=DeadLetter.replays + 1, last_replayed_at=now)
+        elif to == "DISCARDED" and rule_name != "precheck":
+            assign["resolution"] = reason
         moved = transition_batch(
             session,
             "dead_letters",
@@ -326,7 +325,7 @@ def triage_batch(
             actor=actor,
             reason=reason,
             now=now,
-            values=values,
+            values=assign,
         )
         if to == "RETRYING":
             counts.replayed += len(moved)
@@ -334,13 +333,48 @@ def triage_batch(
             counts.manual_review += len(moved)
         elif rule_name != "precheck":
             counts.discarded += len(moved)
-    by_id = {row.id: row for row in rows}
-    for (to, _, _), ids in decided.items():
-        if to == "RETRYING":
-            for letter_id in ids:
-                send_replay(
-                    session, letter_id, by_id[letter_id].task_name, by_id[letter_id].payload
-                )
+    if resolutions and not is_postgres(session):  # SQLite: no column list on VALUES
+        session.execute(
+            update(DeadLetter),
+            [{"id": key, "resolution": why} for key, why in resolutions.items()],
+        )
+    elif resolutions:  # one UPDATE ... FROM (VALUES ...), not one statement per letter
+        given = values(column("id", DeadLetter.id.type), column("why", Text()), name="given").data(
+            list(resolutions.items())
+        )
+        session.execute(
+            update(DeadLetter)
+            .where(DeadLetter.id == given.c.id)
+            .values(resolution=given.c.why)
+            .execution_options(synchronize_session=False)
+        )
+    # The replays go out through `dlq.dispatch` tasks, a few hundred letters each, so that the
+    # workers send them in parallel and a triage of a large backlog is not spent sending.
+    replaying = sorted(
+        letter_id for (to, _, _), ids in decided.items() if to == "RETRYING" for letter_id in ids
+    )
+    for start in range(0, len(replaying), DISPATCH_CHUNK):
+        chunk = replaying[start : start + DISPATCH_CHUNK]
+        enqueue_after_commit(session, "dlq.dispatch", {"dead_letter_ids": chunk})
+    return len(rows)
+
+
+DISPATCH_CHUNK = 500
+
+
+def dispatch(session: Session, letter_ids: Sequence[int]) -> int:
+    """Send the replays of these letters that are still RETRYING (one of them discarded
+    meanwhile is not sent). Sent now, on one producer: the letters were committed by triage."""
+    from workers.celery_app import app
+
+    rows = session.execute(
+        select(DeadLetter.id, DeadLetter.task_name, DeadLetter.payload)
+        .where(DeadLetter.id.in_(list(letter_ids)), DeadLetter.status == "RETRYING")
+        .order_by(DeadLetter.id)
+    ).all()
+    with app.producer_or_acquire() as producer:
+        for row in rows:
+            send(row.task_name, row.payload, headers={HEADER: row.id}, producer=producer)
     return len(rows)
 
 

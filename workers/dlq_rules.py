@@ -9,9 +9,11 @@ provider's error code shows). Its action:
 - `manual`: MANUAL_REVIEW, for a person (`backstop dlq list --status MANUAL_REVIEW`);
 - `discard`: DISCARDED, with the rule's reason: only where replaying can do nothing.
 
-`reclassify` corrects the classification the worker recorded: the rule knows better (a
-provider that answers "busy" with a 400). Triage applies it to every open letter the rule
-matches, including letters already in manual review, so a rule added later re-sorts them.
+Messages are matched case-insensitively, as regular expressions that Python and Postgres read
+alike (keep to plain classes and alternations). `reclassify` corrects the classification the
+worker recorded where the rule knows better (a provider that answers "busy" with a 400). Triage
+applies it to every NEW or MANUAL_REVIEW letter the rule matches, so a rule added later
+re-labels letters already in the table.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from sqlalchemy import ColumnElement, and_
 
 Action = Literal["replay", "manual", "discard"]
 
@@ -35,14 +39,34 @@ class Rule:
     message: str | None = None
     reclassify: str | None = None
 
+    def __post_init__(self) -> None:
+        # Compiled once: triage matches every rule against up to every letter.
+        object.__setattr__(self, "_task", re.compile(fnmatch.translate(self.task)).match)
+        pattern = re.compile(self.message, re.IGNORECASE) if self.message else None
+        object.__setattr__(self, "_message", pattern.search if pattern else None)
+
     def matches(self, letter: Any) -> bool:
         """`letter` has task_name, error_type, classification and error_message."""
         return (
-            fnmatch.fnmatchcase(letter.task_name, self.task)
-            and (self.error_type is None or letter.error_type == self.error_type)
+            (self.error_type is None or letter.error_type == self.error_type)
             and (self.classification is None or letter.classification == self.classification)
-            and (self.message is None or re.search(self.message, letter.error_message) is not None)
+            and self._task(letter.task_name) is not None  # type: ignore[attr-defined]
+            and (self._message is None or self._message(letter.error_message) is not None)  # type: ignore[attr-defined]
         )
+
+    def where(self) -> ColumnElement[bool]:
+        """The same match as SQL, for set-based statements (Postgres `~*`, SQLite REGEXP)."""
+        from workers.models import DeadLetter
+
+        conditions = [DeadLetter.task_name.like(self.task.replace("*", "%").replace("?", "_"))]
+        if self.error_type is not None:
+            conditions.append(DeadLetter.error_type == self.error_type)
+        if self.classification is not None:
+            conditions.append(DeadLetter.classification == self.classification)
+        if self.message is not None:
+            # `(?i)` leading the pattern: case-insensitive in Postgres, SQLite and Python alike.
+            conditions.append(DeadLetter.error_message.regexp_match("(?i)" + self.message))
+        return and_(*conditions)
 
 
 RULES: tuple[Rule, ...] = (
@@ -71,7 +95,7 @@ RULES: tuple[Rule, ...] = (
         "replay",
         "Razorpay answers a busy server with HTTP 400: it is transient",
         task="refunds.*",
-        message=r"razorpay [\w.]+: HTTP 400: .*(?i:server is busy|try again later)",
+        message=r"razorpay [a-z_.]+: HTTP 400: .*(server is busy|try again later)",
         reclassify="TRANSIENT",
     ),
     Rule(
@@ -79,7 +103,7 @@ RULES: tuple[Rule, ...] = (
         "discard",
         "the push token is unregistered (it is marked invalid): nothing can be delivered to it",
         task="notifications.*",
-        message=r"(?i)unregistered",
+        message=r"unregistered",
     ),
     Rule(
         "transient",

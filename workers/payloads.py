@@ -37,6 +37,10 @@ class ReplayDeadLetter(Payload):
     reason: Annotated[str, Field(min_length=1, max_length=500)] = "replayed through dlq.replay"
 
 
+class DispatchReplays(Payload):
+    dead_letter_ids: Annotated[list[Id], Field(min_length=1, max_length=5_000)]
+
+
 class HoldsExpired(Payload):
     hold_ids: Annotated[list[Id], Field(min_length=1, max_length=10_000)]
 

@@ -130,9 +130,27 @@ def test_a_replay_that_fails_again_is_recorded_on_the_same_letter(
         refund_id = refund.id
     letter_id = new_letter("refunds.submit", {"refund_id": refund_id})
     app.send_task("dlq.replay", kwargs={"dead_letter_id": letter_id, "actor": "flower:ops"})
-    wait_until(lambda: letter(letter_id).status == "NEW" and letter(letter_id).replays == 1)
-    failed = letter(letter_id)
+    failed = wait_until(
+        lambda: (found := letter(letter_id)).status == "NEW" and found.replays == 1 and found
+    )
     assert failed.error_type == "GatewayPermanent" and "not configured" in failed.error_message
     assert failed.classification == "PERMANENT"
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(DeadLetter)) == 1
+
+
+def test_scheduled_triage_replays_through_dispatch_and_the_letter_closes(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    from workers.models import JobRun
+
+    start_worker()
+    with session_scope() as session:
+        hold = add_hold(session, now() - timedelta(seconds=5))
+    letter_id = new_letter("holds.expire", {"hold_id": hold})
+    app.send_task("dlq.triage")  # as beat sends it
+    wait_until(lambda: letter(letter_id).status == "REPLAYED")
+    with session_scope() as session:
+        assert session.get(BookingHold, hold).status == "EXPIRED"
+        run = session.scalars(select(JobRun).where(JobRun.job_name == "dlq.triage")).one()
+        assert run.counts["replayed"] == 1 and run.outcome == "OK"
