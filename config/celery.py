@@ -85,6 +85,9 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Exactly one beat sends (workers/beat.py); it renews its lock at least this often.
+        "beat_scheduler": "workers.beat:SingletonScheduler",
+        "beat_max_loop_interval": max(1, settings.BEAT_LOCK_SECONDS // 3),
         "timezone": settings.TIMEZONE,
         "enable_utc": True,
         "task_protocol": 2,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from celery.schedules import crontab
 
@@ -38,9 +39,19 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
     }
 
 
+_gaps: dict[tuple[str, int], timedelta] = {}
+
+
 def longest_gap(schedule: crontab, days: int = 8) -> timedelta:
     """The longest wait between two consecutive runs of a cron schedule (over a week and a
-    day, which covers every day-of-week pattern)."""
+    day, which covers every day-of-week pattern). Walked minute by minute once per schedule."""
+    key = (repr(schedule), days)
+    if key not in _gaps:
+        _gaps[key] = _longest_gap(schedule, days)
+    return _gaps[key]
+
+
+def _longest_gap(schedule: crontab, days: int) -> timedelta:
     start = datetime(2026, 1, 5, tzinfo=UTC)  # a Monday
     at, gap = start, timedelta(0)
     while at < start + timedelta(days=days):
@@ -77,3 +88,23 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         + timedelta(minutes=10),
         "dlq.triage": longest_gap(parse_cron(settings.DLQ_TRIAGE_CRON)) + timedelta(minutes=10),
     }
+
+
+def current_slot(job_name: str, settings: Settings, now: datetime) -> datetime:
+    """The schedule slot a run of `job_name` at `now` belongs to: the latest time its beat entry
+    fired at or before `now` (a cron in TIMEZONE, or a multiple of its interval), in UTC."""
+    entry = next((e for e in beat_schedule(settings).values() if e["task"] == job_name), None)
+    if entry is None:
+        raise KeyError(f"{job_name} is not a scheduled job")
+    schedule = entry["schedule"]
+    if isinstance(schedule, timedelta):
+        step = schedule.total_seconds()
+        return datetime.fromtimestamp(now.timestamp() // step * step, tz=UTC)
+    assert isinstance(schedule, crontab)
+    local = now.astimezone(ZoneInfo(settings.TIMEZONE)).replace(second=0, microsecond=0)
+    limit = local - longest_gap(schedule) - timedelta(minutes=1)
+    while local > limit:
+        if _matches(schedule, local):
+            return local.astimezone(UTC)
+        local -= timedelta(minutes=1)
+    raise ValueError(f"{job_name}: no slot found before {now.isoformat()}")

@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     FLOWER_BASIC_AUTH: Annotated[SecretStr | None, Field(default=None)] = None
 
     HOLD_SWEEP_SECONDS: PositiveInt = 5
+    # The active beat's lock lives this long unless renewed: a standby takes over within it.
+    BEAT_LOCK_SECONDS: Annotated[int, Field(ge=3, le=600)] = 30
     HOLD_SWEEP_BATCH: PositiveInt = 1000
     REFUND_RETRY_CRON: Cron = "*/30 * * * *"
     # Gateway calls: timeout of one HTTP request; attempts (new keys) after a FAILED refund.

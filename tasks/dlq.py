@@ -7,9 +7,10 @@ from datetime import timedelta
 from typing import Any
 
 from config import get_settings
+from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.dlq import ReplayError, TriagePolicy, dispatch, replay, triage
-from workers.jobs import record_run
+from workers.jobs import run_in_slot
 from workers.payloads import DispatchReplays, ReplayDeadLetter
 
 
@@ -24,18 +25,17 @@ def triage_policy() -> TriagePolicy:
 
 
 @task("dlq.triage")
-def run_triage(ctx: TaskContext) -> dict[str, int]:
-    counts = triage(ctx.session, ctx.now, triage_policy()).as_dict()
-    record_run(
+def run_triage(ctx: TaskContext) -> dict[str, Any]:
+    job = "dlq.triage"
+    return run_in_slot(
         ctx.session,
-        "dlq.triage",
-        started_at=ctx.now,
-        finished_at=utcnow(),
-        outcome="OK",
-        counts=counts,
+        job,
+        current_slot(job, get_settings(), ctx.now),
         task_id=ctx.task_id,
+        now=ctx.now,
+        clock=utcnow,
+        work=lambda: triage(ctx.session, ctx.now, triage_policy()).as_dict(),
     )
-    return counts
 
 
 @task("dlq.replay", payload=ReplayDeadLetter)

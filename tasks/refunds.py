@@ -11,11 +11,12 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from config.celery import max_countdown
+from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.dlq import batch_precheck
 from workers.errors import RetryRemaining
 from workers.gateways.registry import get_gateway
-from workers.jobs import record_run
+from workers.jobs import run_in_slot
 from workers.models import Refund
 from workers.payloads import CheckRefunds, SubmitRefund
 from workers.refunds import (
@@ -88,18 +89,17 @@ def retry_policy() -> RetryPolicy:
 
 
 @task("refunds.retry_stuck")
-def retry_stuck(ctx: TaskContext) -> dict[str, int]:
-    counts = retry_stuck_refunds(ctx.session, utcnow, retry_policy()).as_dict()
-    record_run(
+def retry_stuck(ctx: TaskContext) -> dict[str, Any]:
+    job = "refunds.retry_stuck"
+    return run_in_slot(
         ctx.session,
-        "refunds.retry_stuck",
-        started_at=ctx.now,
-        finished_at=utcnow(),
-        outcome="OK",
-        counts=counts,
+        job,
+        current_slot(job, get_settings(), ctx.now),
         task_id=ctx.task_id,
+        now=ctx.now,
+        clock=utcnow,
+        work=lambda: retry_stuck_refunds(ctx.session, utcnow, retry_policy()).as_dict(),
     )
-    return counts
 
 
 def refund_statuses(session: Session, ids: list[Any]) -> dict[int, tuple[str, bool]]:

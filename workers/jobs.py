@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -10,6 +12,8 @@ from sqlalchemy.orm import Session
 
 from workers.db.upsert import insert_ignore
 from workers.models import JobRun
+
+log = logging.getLogger("backstop.jobs")
 
 
 def hour_bucket(now: datetime) -> datetime:
@@ -106,3 +110,72 @@ def last_finished(session: Session) -> dict[str, datetime]:
         select(JobRun.job_name, func.max(JobRun.finished_at)).group_by(JobRun.job_name)
     ).all()
     return {name: finished for name, finished in rows if finished is not None}
+
+
+def claim_slot(
+    session: Session, job_name: str, slot: datetime, *, task_id: str | None, now: datetime
+) -> bool:
+    """Take this job's run for one schedule slot: its `job_runs` row, keyed by (job, slot),
+    written now and committed with the run's first commit. Whoever comes second for the same
+    slot (a second beat, a manual run) finds it taken and does nothing; the same task coming
+    back (a retry, a redelivery after a crash) carries on with its own slot."""
+    inserted = insert_ignore(
+        session,
+        JobRun,
+        {
+            "job_name": job_name,
+            "bucket": slot,
+            "started_at": now,
+            "runs": 1,
+            "counts": {},
+            "task_id": task_id,
+        },
+        conflict=["job_name", "bucket"],
+        where=JobRun.bucket.isnot(None),
+        returning=JobRun.id,
+    )
+    if inserted:
+        return True
+    holder = session.execute(
+        select(JobRun.task_id, JobRun.finished_at).where(
+            JobRun.job_name == job_name, JobRun.bucket == slot
+        )
+    ).one()
+    return task_id is not None and holder.task_id == task_id and holder.finished_at is None
+
+
+def finish_slot(
+    session: Session,
+    job_name: str,
+    slot: datetime,
+    *,
+    finished_at: datetime,
+    outcome: str,
+    counts: dict[str, Any],
+    error: str | None = None,
+) -> None:
+    session.execute(
+        update(JobRun)
+        .where(JobRun.job_name == job_name, JobRun.bucket == slot)
+        .values(finished_at=finished_at, outcome=outcome, counts=counts, error=error)
+    )
+
+
+def run_in_slot(
+    session: Session,
+    job_name: str,
+    slot: datetime,
+    *,
+    task_id: str | None,
+    now: datetime,
+    clock: Callable[[], datetime],
+    work: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run a scheduled job's `work` once for its slot (see `claim_slot`), recording the run on
+    the slot's row. A run whose slot is taken does nothing and says so."""
+    if not claim_slot(session, job_name, slot, task_id=task_id, now=now):
+        log.info("job.slot_taken", extra={"job": job_name, "slot": slot.isoformat()})
+        return {"skipped": "slot already run", "slot": slot.isoformat()}
+    counts = work()
+    finish_slot(session, job_name, slot, finished_at=clock(), outcome="OK", counts=counts)
+    return counts
