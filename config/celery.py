@@ -27,6 +27,7 @@ ROUTES = {
     "notifications.*": {"queue": "notifications"},
     "reconciliation.*": {"queue": "batch"},
     "dlq.*": {"queue": "default"},
+    "ops.retention": {"queue": "batch"},  # long deletes: never in front of a refund
     "ops.*": {"queue": "default"},
 }
 
@@ -82,6 +83,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # from the worker's received/started/succeeded events.
         "task_send_sent_event": False,
         "worker_send_task_events": True,
+        "worker_max_tasks_per_child": settings.WORKER_MAX_TASKS_PER_CHILD,
+        "worker_max_memory_per_child": settings.WORKER_MAX_MEMORY_PER_CHILD_KB,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,

@@ -31,6 +31,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": parse_cron(settings.DLQ_TRIAGE_CRON),
             "options": {"queue": "default"},
         },
+        "prune-old-rows": {
+            "task": "ops.retention",
+            "schedule": parse_cron(settings.RETENTION_CRON),
+            "options": {"queue": "batch"},
+        },
         "check-schedules": {
             "task": "ops.check_schedules",
             "schedule": CHECK_SCHEDULES_EVERY,
@@ -87,6 +92,7 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         "refunds.retry_stuck": longest_gap(parse_cron(settings.REFUND_RETRY_CRON))
         + timedelta(minutes=10),
         "dlq.triage": longest_gap(parse_cron(settings.DLQ_TRIAGE_CRON)) + timedelta(minutes=10),
+        "ops.retention": longest_gap(parse_cron(settings.RETENTION_CRON)) + timedelta(hours=1),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from celery.schedules import crontab
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     DB_IDLE_IN_TRANSACTION_TIMEOUT_MS: PositiveInt = 120_000
 
     LOG_LEVEL: Annotated[str | None, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = None
+    # Nightly retention (`ops.retention`): rows older than these are deleted, in batches.
+    RETENTION_CRON: Cron = "15 3 * * *"
+    RETENTION_JOB_RUNS_DAYS: PositiveInt = 30
+    RETENTION_DEAD_LETTERS_DAYS: PositiveInt = 90  # closed ones only (REPLAYED, DISCARDED)
+    RETENTION_WEBHOOK_EVENTS_DAYS: PositiveInt = 30  # processed ones only
+    RETENTION_AUDIT_DAYS: PositiveInt = 730
+    # `json` in production (docker-compose sets it), readable `text` for `make run`.
+    LOG_FORMAT: Literal["text", "json"] = "text"
+    # Worker processes are replaced after this many tasks or this much resident memory (KiB),
+    # so a slow leak in a library never grows into an outage.
+    WORKER_MAX_TASKS_PER_CHILD: Annotated[int, Field(ge=1)] = 1000
+    WORKER_MAX_MEMORY_PER_CHILD_KB: Annotated[int, Field(ge=10_000)] = 400_000
 
     @field_validator("FLOWER_BASIC_AUTH")
     @classmethod

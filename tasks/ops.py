@@ -1,7 +1,9 @@
-"""Operations tasks: `ops.check_schedules`, which pages when a scheduled job missed its window."""
+"""Operations tasks: `ops.check_schedules`, which pages when a scheduled job missed its window,
+and `ops.retention`, the nightly prune of old rows."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from config import get_settings
@@ -9,6 +11,7 @@ from config.schedule import current_slot, schedule_windows
 from workers.base import TaskContext, task, utcnow
 from workers.jobs import run_in_slot
 from workers.ops import JOB, check_schedules
+from workers.retention import Retention, prune
 
 
 @task(JOB)
@@ -27,4 +30,28 @@ def check(ctx: TaskContext) -> dict[str, Any]:
         now=ctx.now,
         clock=utcnow,
         work=work,
+    )
+
+
+def retention_policy() -> Retention:
+    settings = get_settings()
+    return Retention(
+        job_runs=timedelta(days=settings.RETENTION_JOB_RUNS_DAYS),
+        dead_letters=timedelta(days=settings.RETENTION_DEAD_LETTERS_DAYS),
+        webhook_events=timedelta(days=settings.RETENTION_WEBHOOK_EVENTS_DAYS),
+        audit=timedelta(days=settings.RETENTION_AUDIT_DAYS),
+    )
+
+
+@task("ops.retention")
+def retention(ctx: TaskContext) -> dict[str, Any]:
+    job = "ops.retention"
+    return run_in_slot(
+        ctx.session,
+        job,
+        current_slot(job, get_settings(), ctx.now),
+        task_id=ctx.task_id,
+        now=ctx.now,
+        clock=utcnow,
+        work=lambda: prune(ctx.session, retention_policy(), ctx.now),
     )

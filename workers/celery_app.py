@@ -24,7 +24,8 @@ app.set_default()
 @signals.setup_logging.connect
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
     # LOG_LEVEL, when set, wins over the command line's --loglevel.
-    logs.configure(get_settings().LOG_LEVEL or loglevel or "INFO")
+    settings = get_settings()
+    logs.configure(settings.LOG_LEVEL or loglevel or "INFO", settings.LOG_FORMAT)
 
 
 @signals.worker_process_init.connect

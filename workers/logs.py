@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Any
 
+from pythonjsonlogger import json as jsonlogger
+
 _task: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "backstop_task", default=None
 )
@@ -55,11 +57,29 @@ def _show(value: Any) -> str:
     return repr(text) if (" " in text or not text) else text
 
 
-def configure(level: int | str = "INFO") -> None:
-    """Install backstop's handler on the root logger (Celery's own setup is switched off)."""
+class JsonFormatter(jsonlogger.JsonFormatter):  # type: ignore[misc]
+    """One JSON object per line, for a log pipeline: the record's time, level, logger, event,
+    task id and name, and every `extra=` field as its own key."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s %(task_id)s %(task_name)s",
+            rename_fields={
+                "asctime": "time",
+                "levelname": "level",
+                "name": "logger",
+                "message": "event",
+            },
+            timestamp=False,
+        )
+
+
+def configure(level: int | str = "INFO", fmt: str = "text") -> None:
+    """Install backstop's handler on the root logger (Celery's own setup is switched off):
+    `text` (readable, `make run`) or `json` (production)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TaskContextFilter())
-    handler.setFormatter(KeyValueFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
