@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server clean
+.PHONY: install run test lint format bench redis-server node-deps clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,16 @@ redis-server:
 	  echo "installing redis-server with apt"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# The Node.js client test enqueues tasks with the `celery-node` npm package (tests/node).
+node-deps: tests/node/node_modules/.installed-stamp
+tests/node/node_modules/.installed-stamp: tests/node/package.json tests/node/package-lock.json
+	@command -v npm >/dev/null || { \
+	  echo "installing nodejs and npm with apt"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	@touch $@
 
 # `make run` points both gateways at the local simulator unless real (test) keys are set in
 # the environment: then it talks to Razorpay and Stripe and starts no simulator.
@@ -50,7 +60,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install redis-server lint
+test: install redis-server node-deps lint
 	$(PY) -m tests.services -- $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install redis-server
@@ -59,4 +69,4 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/dlq.py
 
 clean:
-	rm -rf var .pytest_cache .hypothesis
+	rm -rf var .pytest_cache .hypothesis tests/node/node_modules
