@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server node-deps clean
+.PHONY: install run test lint format bench redis-server node-deps screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -67,6 +67,10 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/holds.py
 	$(PY) -m tests.services -- $(PY) bench/refunds.py
 	$(PY) -m tests.services -- $(PY) bench/dlq.py
+
+# docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).
+screenshot: install redis-server
+	$(PY) -m tests.services -- $(PY) scripts/flower_screenshot.py
 
 clean:
 	rm -rf var .pytest_cache .hypothesis tests/node/node_modules
