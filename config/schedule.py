@@ -25,6 +25,14 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": parse_cron(settings.REFUND_RETRY_CRON),
             "options": {"queue": "critical"},
         },
+        "sweep-notification-outbox": {
+            "task": "notifications.sweep_outbox",
+            "schedule": timedelta(seconds=settings.NOTIFY_OUTBOX_SWEEP_SECONDS),
+            "options": {
+                "queue": "notifications",
+                "expires": settings.NOTIFY_OUTBOX_SWEEP_SECONDS,
+            },
+        },
         "check-schedules": {
             "task": "ops.check_schedules",
             "schedule": CHECK_SCHEDULES_EVERY,
@@ -70,4 +78,6 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         "holds.sweep_expired": sweep * 6 + timedelta(seconds=30),
         "refunds.retry_stuck": longest_gap(parse_cron(settings.REFUND_RETRY_CRON))
         + timedelta(minutes=10),
+        "notifications.sweep_outbox": timedelta(seconds=settings.NOTIFY_OUTBOX_SWEEP_SECONDS) * 5
+        + timedelta(minutes=1),
     }

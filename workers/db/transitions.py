@@ -59,6 +59,7 @@ MACHINES: dict[str, dict[str, frozenset[str]]] = {
     "notifications": {
         "SENT": frozenset({"PENDING"}),
         "DEAD": frozenset({"PENDING"}),
+        "PENDING": frozenset({"DEAD"}),  # an operator's replay of a dead notification
     },
     "dead_letters": {
         "RETRYING": frozenset({"NEW", "MANUAL_REVIEW"}),

@@ -1,0 +1,591 @@
+"""Notification delivery: persisted once, sent by at most one worker at a time, every attempt
+recorded, transient failures retried with backoff and the rest dead-lettered.
+
+A delivery runs in three steps, like a refund's. (1) One UPDATE claims the PENDING row if it is
+due and no other worker holds it: it counts the attempt and takes a short lease; the template
+is rendered and the recipient resolved (push: the user's valid device tokens) in the same
+transaction, which commits before anything is sent. (2) The provider is called with no
+transaction open. (3) The outcome is written: SENT through the audited transition; a transient
+failure with attempts left schedules the next attempt (`next_attempt_at`, and a delivery
+message with that countdown); anything else moves the row to DEAD and writes its dead letter,
+as a `notifications.deliver` payload an operator can replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from workers.db import claim, transition, transition_batch
+from workers.db.upsert import insert_ignore
+from workers.dlq import precheck, record_dead_letter
+from workers.enqueue import enqueue_after_commit
+from workers.errors import Classification, NotFound, PermanentError, classify, one_line
+from workers.models import Notification, NotificationAttempt, PushToken
+from workers.notify.channels import (
+    ChannelNotConfigured,
+    Channels,
+    DeliveryPermanent,
+    DeliveryTransient,
+    Message,
+    NoPushToken,
+    TokenUnregistered,
+    mask,
+)
+from workers.notify.templates import render
+from workers.payloads import SendNotification
+from workers.retry import backoff_delay
+
+log = logging.getLogger("backstop.notify")
+
+DELIVER_TASK = "notifications.deliver"
+OPS_RECIPIENT = "ops"  # workers.alerts writes ops alerts to this recipient
+# A delivery message may run this much before the attempt it was scheduled for (clock skew
+# between the worker that scheduled it and the one that runs it).
+EARLY_TOLERANCE = timedelta(seconds=1)
+# A push to `user:<id>` goes to at most this many of the user's newest valid tokens.
+MAX_DEVICES = 10
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How deliveries are retried. `backoff` is the first delay (it doubles, with jitter, up
+    to `max_delay`, which stays below the broker's visibility timeout)."""
+
+    max_attempts: int
+    backoff: float
+    max_delay: float
+    timeout: float  # of one provider call
+    ops_email: str | None = None
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        return backoff_delay(attempt - 1, self.backoff, self.max_delay, rng)
+
+    def lease(self, sends: int) -> timedelta:
+        # Long enough for every provider call of the attempt, each up to its timeout.
+        return timedelta(seconds=self.timeout * (sends + 1) + 5)
+
+
+def policy_from(settings: Any) -> Policy:
+    from config.celery import max_countdown
+
+    return Policy(
+        max_attempts=settings.NOTIFY_MAX_ATTEMPTS,
+        backoff=settings.NOTIFY_BACKOFF_SECONDS,
+        max_delay=max_countdown(settings),
+        timeout=settings.NOTIFY_TIMEOUT_SECONDS,
+        ops_email=settings.NOTIFY_OPS_EMAIL,
+    )
+
+
+# -- persisting -----------------------------------------------------------------------------------
+
+
+def send_notification(session: Session, payload: SendNotification, now: datetime) -> int:
+    """`notifications.send`: write the notification once and, after commit, send its delivery.
+    A `dedupe_key` seen before returns the notification already written, and sends nothing:
+    that one is delivered (or being delivered) already."""
+    row = {
+        "channel": payload.channel,
+        "recipient": payload.recipient,
+        "template": payload.template,
+        "data": dict(payload.data),
+        "dedupe_key": payload.dedupe_key,
+        "created_at": now,
+        "updated_at": now,
+        "next_attempt_at": now,
+        "enqueued_at": now,
+    }
+    if payload.dedupe_key is None:
+        notification_id = int(
+            session.execute(
+                insert(Notification).values(**row).returning(Notification.id)
+            ).scalar_one()
+        )
+    else:
+        added = insert_ignore(
+            session, Notification, row, conflict=["dedupe_key"], returning=Notification.id
+        )
+        if not added:
+            existing = session.execute(
+                select(Notification.id).where(Notification.dedupe_key == payload.dedupe_key)
+            ).scalar_one()
+            log.info(
+                "notification.duplicate",
+                extra={"notification_id": existing, "dedupe_key": payload.dedupe_key},
+            )
+            return int(existing)
+        notification_id = int(added[0])
+    enqueue_after_commit(session, DELIVER_TASK, {"notification_id": notification_id})
+    return notification_id
+
+
+def request_delivery(session: Session, notification_ids: Sequence[int], now: datetime) -> None:
+    """For a business operation that wrote notification rows in its own transaction (an
+    alert, a hold's waitlist notice): send their deliveries once it commits. Nothing here can
+    fail that transaction: a failed write is undone alone (savepoint) and logged, a failed send
+    is logged after the commit, and the outbox sweep delivers the rows either way."""
+    if not notification_ids:
+        return
+    ids = sorted(notification_ids)
+    try:
+        with session.begin_nested():
+            session.execute(
+                update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
+            )
+    except Exception as exc:
+        log.error("notification.enqueue_failed", extra={"error": one_line(exc)[:300]})
+        return
+    for notification_id in ids:
+        enqueue_after_commit(session, DELIVER_TASK, {"notification_id": notification_id})
+
+
+# -- delivering -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one delivery run did. `result`: sent, retry, dead, or why nothing was done:
+    already_sent, already_dead, in_flight (another worker holds it), not_due."""
+
+    notification_id: int
+    result: str
+    attempt: int = 0
+    retry_in: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Claimed:
+    """Step 1's result: the messages to send, or the permanent reason not to send any."""
+
+    notification_id: int
+    channel: str
+    attempt: int
+    recipient: str
+    messages: list[Message] = field(default_factory=list)
+    problem: DeliveryPermanent | PermanentError | None = None
+
+
+@dataclass
+class Sent:
+    """Step 2's result. For a push to several devices, some may be accepted, some not."""
+
+    refs: list[str] = field(default_factory=list)
+    errors: list[Exception] = field(default_factory=list)
+    unregistered: list[TokenUnregistered] = field(default_factory=list)
+
+    def error(self) -> Exception | None:
+        """The attempt's error, or None if the provider took the message (to any device)."""
+        if self.refs:
+            return None
+        transient = [e for e in self.errors if isinstance(e, DeliveryTransient)]
+        if transient:
+            return transient[0]
+        return (self.errors or self.unregistered or [None])[0]  # type: ignore[list-item]
+
+
+def deliver_notification(
+    session: Session,
+    notification_id: int,
+    clock: Clock,
+    channels: Channels,
+    policy: Policy,
+    *,
+    actor: str = DELIVER_TASK,
+    task_id: str | None = None,
+    rng: random.Random | None = None,
+) -> Outcome:
+    """Deliver one notification: claim, send, record, committing between the steps."""
+    claimed = claim_delivery(session, notification_id, clock(), policy)
+    session.commit()
+    if isinstance(claimed, Outcome):
+        return claimed
+    sent = Sent()
+    if claimed.problem is None:
+        sent = send_messages(claimed, channels)
+    outcome = record_delivery(
+        session, claimed, sent, clock(), policy, actor=actor, task_id=task_id, rng=rng
+    )
+    session.commit()
+    return outcome
+
+
+CLAIMED_COLUMNS = (
+    Notification.channel,
+    Notification.recipient,
+    Notification.template,
+    Notification.data,
+    Notification.attempts,
+)
+
+
+def claim_delivery(
+    session: Session, notification_id: int, now: datetime, policy: Policy
+) -> Claimed | Outcome:
+    """Step 1: take the row if it is PENDING, due and free, in one compare-and-set UPDATE (a
+    second worker's UPDATE waits for our row lock, then finds the lease taken), and prepare
+    its messages. The caller commits before sending."""
+    lease_free = Notification.in_flight_until.is_(None) | (Notification.in_flight_until <= now)
+    row = session.execute(
+        update(Notification)
+        .where(
+            Notification.id == notification_id,
+            Notification.status == "PENDING",
+            lease_free,
+            Notification.next_attempt_at <= now + EARLY_TOLERANCE,
+        )
+        .values(
+            attempts=Notification.attempts + 1,
+            in_flight_until=now + policy.lease(1),
+            updated_at=now,
+        )
+        .returning(*CLAIMED_COLUMNS)
+    ).one_or_none()
+    if row is None:
+        return _not_claimed(session, notification_id, now)
+    claimed = Claimed(notification_id, row.channel, row.attempts, row.recipient)
+    try:
+        rendered = render(row.template, row.data or {})
+        recipients = resolve(session, row.channel, row.recipient, policy)
+    except PermanentError as problem:
+        claimed.problem = problem
+        return claimed
+    claimed.messages = [
+        Message(
+            notification_id,
+            recipient,
+            rendered.subject,
+            rendered.body,
+            {"notification_id": str(notification_id), "template": row.template},
+        )
+        for recipient in recipients
+    ]
+    if len(recipients) > 1:
+        session.execute(
+            update(Notification)
+            .where(Notification.id == notification_id)
+            .values(in_flight_until=now + policy.lease(len(recipients)))
+        )
+    return claimed
+
+
+def _not_claimed(session: Session, notification_id: int, now: datetime) -> Outcome:
+    row = session.execute(
+        select(Notification.status, Notification.attempts, Notification.in_flight_until).where(
+            Notification.id == notification_id
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"notifications {notification_id} does not exist")
+    if row.status == "SENT":
+        result = "already_sent"
+    elif row.status == "DEAD":
+        result = "already_dead"
+    elif row.in_flight_until is not None and row.in_flight_until > now:
+        result = "in_flight"
+    else:
+        result = "not_due"
+    return Outcome(notification_id, result, row.attempts)
+
+
+def resolve(session: Session, channel: str, recipient: str, policy: Policy) -> list[str]:
+    """Where the message goes: an address, a phone number, or device tokens. A push token
+    marked invalid is never sent to again."""
+    if channel == "email" and recipient == OPS_RECIPIENT:
+        if not policy.ops_email:
+            raise ChannelNotConfigured("ops alerts by email: NOTIFY_OPS_EMAIL is not set")
+        return [policy.ops_email]
+    if channel != "push":
+        return [recipient]
+    if recipient.startswith("user:"):
+        user_id = recipient.removeprefix("user:")
+        tokens = list(
+            session.execute(
+                select(PushToken.token)
+                .where(PushToken.user_id == user_id, PushToken.invalidated_at.is_(None))
+                .order_by(PushToken.id.desc())
+                .limit(MAX_DEVICES)
+            ).scalars()
+        )
+        if not tokens:
+            raise NoPushToken(f"{recipient} has no valid push token")
+        return tokens
+    invalid = session.execute(
+        select(PushToken.invalidated_at).where(
+            PushToken.token == recipient, PushToken.invalidated_at.is_not(None)
+        )
+    ).scalar_one_or_none()
+    if invalid is not None:
+        raise NoPushToken(
+            f"push token {mask(recipient)} was marked invalid at {invalid.isoformat()}: not sent"
+        )
+    return [recipient]
+
+
+def send_messages(claimed: Claimed, channels: Channels) -> Sent:
+    """Step 2, no transaction open: each message to the channel's provider."""
+    channel = getattr(channels, claimed.channel)
+    sent = Sent()
+    for message in claimed.messages:
+        try:
+            sent.refs.append(channel.send(message))
+        except TokenUnregistered as gone:
+            sent.unregistered.append(gone)
+        except (DeliveryTransient, DeliveryPermanent) as error:
+            sent.errors.append(error)
+    return sent
+
+
+def record_delivery(
+    session: Session,
+    claimed: Claimed,
+    sent: Sent,
+    now: datetime,
+    policy: Policy,
+    *,
+    actor: str,
+    task_id: str | None,
+    rng: random.Random | None = None,
+) -> Outcome:
+    """Step 3: the attempt's row, then SENT, the next attempt, or DEAD and its dead letter."""
+    notification_id, attempt = claimed.notification_id, claimed.attempt
+    error = claimed.problem or sent.error()
+    if sent.unregistered:
+        invalidate_tokens(session, sent.unregistered, now)
+    extra = {"notification_id": notification_id, "attempt": attempt, "channel": claimed.channel}
+    if error is None:
+        ref = ",".join(filter(None, sent.refs))[:256] or None
+        partial = "; ".join(one_line(e) for e in [*sent.errors, *sent.unregistered])
+        _attempt(session, claimed, "SENT", partial or None, ref, now)
+        transition_batch(
+            session,
+            "notifications",
+            select(Notification.id).where(Notification.id == notification_id),
+            "PENDING",
+            "SENT",
+            actor=actor,
+            reason=f"delivered by {claimed.channel}",
+            now=now,
+            values={"sent_at": now, "in_flight_until": None, "last_error": partial or None},
+        )
+        log.info("notification.sent", extra={**extra, "recipient": mask(claimed.recipient)})
+        return Outcome(notification_id, "sent", attempt)
+
+    message = f"{type(error).__name__}: {one_line(error)}"[:2000]
+    kind = classify(error)
+    _attempt(session, claimed, kind.value, message, None, now)
+    if kind is Classification.TRANSIENT and attempt < policy.max_attempts:
+        delay = policy.delay(attempt, rng)
+        session.execute(
+            update(Notification)
+            .where(Notification.id == notification_id)
+            .values(
+                in_flight_until=None,
+                last_error=message,
+                next_attempt_at=now + timedelta(seconds=delay),
+                enqueued_at=now,
+                updated_at=now,
+            )
+        )
+        enqueue_after_commit(
+            session, DELIVER_TASK, {"notification_id": notification_id}, countdown=delay
+        )
+        log.warning("notification.retry", extra={**extra, "error": message, "countdown": delay})
+        return Outcome(notification_id, "retry", attempt, retry_in=delay, error=message)
+
+    reason = "attempts exhausted" if kind is Classification.TRANSIENT else "permanent error"
+    transition(
+        session,
+        "notifications",
+        notification_id,
+        "DEAD",
+        actor=actor,
+        reason=f"{reason}: {message}"[:500],
+        now=now,
+        values={"in_flight_until": None, "last_error": message},
+    )
+    letter = record_dead_letter(
+        session,
+        task_name=DELIVER_TASK,
+        task_id=task_id,
+        payload={"notification_id": notification_id},
+        error=error,
+        attempts=attempt,
+        classification=kind,
+        now=now,
+    )
+    log.error(
+        "notification.dead",
+        extra={**extra, "error": message, "dead_letter_id": letter, "why": reason},
+    )
+    return Outcome(notification_id, "dead", attempt, error=message)
+
+
+def _attempt(
+    session: Session,
+    claimed: Claimed,
+    outcome: str,
+    error: str | None,
+    ref: str | None,
+    now: datetime,
+) -> None:
+    session.execute(
+        insert(NotificationAttempt).values(
+            notification_id=claimed.notification_id,
+            attempt=claimed.attempt,
+            outcome=outcome,
+            error=error[:2000] if error else None,
+            provider_ref=ref,
+            at=now,
+        )
+    )
+
+
+def invalidate_tokens(session: Session, gone: Sequence[TokenUnregistered], now: datetime) -> None:
+    """Mark device tokens the provider no longer knows invalid, registered or not, so that no
+    notification is sent to them again. The first invalidation's time and reason stay."""
+    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    rows = {
+        error.token: {
+            "token": error.token,
+            "invalidated_at": now,
+            "invalid_reason": one_line(error)[:500],
+            "created_at": now,
+            "updated_at": now,
+        }
+        for error in gone
+    }
+    stmt = module.insert(PushToken).values(list(rows.values()))
+    table = PushToken.__table__
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["token"],
+            set_={
+                "invalidated_at": stmt.excluded.invalidated_at,
+                "invalid_reason": stmt.excluded.invalid_reason,
+                "updated_at": stmt.excluded.updated_at,
+            },
+            where=table.c.invalidated_at.is_(None),
+        )
+    )
+    for error in gone:
+        log.warning("push_token.invalidated", extra={"token": mask(error.token)})
+
+
+# -- the outbox sweep -----------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    enqueued: int = 0
+    batches: int = 0
+
+
+def sweep_outbox(
+    session: Session,
+    clock: Clock,
+    *,
+    after: timedelta,
+    batch_size: int = 1000,
+    time_budget: float = 30.0,
+) -> SweepResult:
+    """Send a delivery again for every PENDING notification that is due, not in flight, and
+    whose last delivery message should have run at least `after` ago: that message was lost
+    (a broker restart, a crash between commit and send), or the row was written by plain SQL
+    with none. Each batch is claimed with SKIP LOCKED and marked enqueued before its commit,
+    so two sweeps at once never send the same notification twice."""
+    import time
+
+    result = SweepResult()
+    deadline = time.monotonic() + time_budget
+    while True:
+        now = clock()
+        stale = now - after
+        due = claim(
+            select(Notification.id)
+            .where(
+                Notification.status == "PENDING",
+                Notification.next_attempt_at <= now,
+                Notification.in_flight_until.is_(None) | (Notification.in_flight_until <= now),
+                or_(
+                    Notification.enqueued_at.is_(None),
+                    and_(Notification.enqueued_at <= stale, Notification.next_attempt_at <= stale),
+                ),
+            )
+            .order_by(Notification.next_attempt_at),
+            batch_size,
+        )
+        ids = list(session.execute(due).scalars())
+        if ids:
+            session.execute(
+                update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
+            )
+            for notification_id in ids:
+                enqueue_after_commit(session, DELIVER_TASK, {"notification_id": notification_id})
+        session.commit()
+        result.enqueued += len(ids)
+        result.batches += 1
+        if len(ids) < batch_size or time.monotonic() >= deadline:
+            return result
+
+
+# -- replay preconditions (workers.dlq) -----------------------------------------------------------
+
+
+@precheck(DELIVER_TASK)
+def replay_delivery(session: Session, payload: dict[str, Any], actor: str) -> str | None:
+    """A SENT notification is never sent again. A DEAD one goes back to PENDING, audited with
+    the operator, with a fresh set of attempts, due now, for the replayed delivery to send."""
+    notification_id = payload.get("notification_id")
+    if not isinstance(notification_id, int):
+        return None  # an invalid payload: the replay dead-letters it again, naming the field
+    status = session.execute(
+        select(Notification.status).where(Notification.id == notification_id).with_for_update()
+    ).scalar_one_or_none()
+    if status is None:
+        return f"notifications {notification_id} does not exist"
+    if status == "SENT":
+        return "already sent"
+    if status == "DEAD":
+        now = datetime.now(UTC)
+        transition(
+            session,
+            "notifications",
+            notification_id,
+            "PENDING",
+            actor=actor,
+            reason="dead letter replayed",
+            now=now,
+            values={
+                "attempts": 0,
+                "next_attempt_at": now,
+                "enqueued_at": now,
+                "in_flight_until": None,
+            },
+        )
+    return None
+
+
+@precheck("notifications.send")
+def replay_send(session: Session, payload: dict[str, Any], actor: str) -> str | None:
+    """A send whose dedupe key is already in the table was recorded: replaying it would only
+    return that notification."""
+    key = payload.get("dedupe_key")
+    if not isinstance(key, str):
+        return None
+    existing = session.execute(
+        select(Notification.id).where(Notification.dedupe_key == key)
+    ).scalar_one_or_none()
+    return None if existing is None else f"already recorded as notification {existing}"
