@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import traceback as tb
 from collections.abc import Callable
 from datetime import datetime
@@ -32,10 +33,10 @@ def record_dead_letter(
             .values(
                 task_name=task_name,
                 task_id=task_id,
-                payload=payload,
+                payload=storable(payload),
                 error_type=type(error).__name__,
-                error_message=one_line(error)[:4000],
-                traceback="".join(tb.format_exception(error))[-20000:],
+                error_message=storable(one_line(error)[:4000]),
+                traceback=storable("".join(tb.format_exception(error))[-20000:]),
                 attempts=attempts,
                 classification=classification.value,
                 status="NEW",
@@ -45,6 +46,23 @@ def record_dead_letter(
             .returning(DeadLetter.id)
         ).scalar_one()
     )
+
+
+def storable(value: Any) -> Any:
+    """`value` as Postgres can keep it: text and jsonb refuse NUL characters and unpaired
+    surrogates, jsonb refuses NaN and infinities. A payload that carries them (a fuzzed or
+    corrupt message) must still get its dead letter: they are kept as escapes and strings."""
+    if isinstance(value, str):
+        # Unpaired surrogates (valid JSON escapes, invalid UTF-8) are kept as their escapes.
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.replace("\x00", "\\u0000")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
+    return value
 
 
 # -- replay preconditions ------------------------------------------------------------------------

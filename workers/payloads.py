@@ -63,10 +63,20 @@ def recipient_problem(channel: str, recipient: str) -> str | None:
     return None
 
 
+def _text_problem(value: str, path: str) -> str | None:
+    if "\x00" in value:
+        return f"{path} contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{path} contains an unpaired surrogate"
+    return None
+
+
 def _json_problem(value: Any, path: str) -> str | None:
     """Values Postgres' jsonb refuses: NUL characters, NaN and infinities."""
     if isinstance(value, str):
-        return f"{path} contains a NUL character" if "\x00" in value else None
+        return _text_problem(value, path)
     if isinstance(value, float):
         return None if math.isfinite(value) else f"{path} is not a finite number"
     if isinstance(value, dict):
@@ -88,7 +98,7 @@ class SendNotification(Payload):
     channel: Literal["email", "sms", "push"]
     recipient: Annotated[str, Field(max_length=256)]
     template: str
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     dedupe_key: Text | None = None
 
     @field_validator("recipient")
@@ -97,6 +107,13 @@ class SendNotification(Payload):
         channel = info.data.get("channel")
         if channel is not None and (problem := recipient_problem(channel, value)):
             raise ValueError(f"{problem} for channel {channel}")
+        return value
+
+    @field_validator("dedupe_key")
+    @classmethod
+    def _dedupe_key(cls, value: str | None) -> str | None:
+        if value is not None and (problem := _text_problem(value, "dedupe_key")):
+            raise ValueError(problem)
         return value
 
     @field_validator("template")
