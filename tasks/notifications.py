@@ -1,5 +1,6 @@
-"""Notification tasks: `notifications.send` (other services enqueue it), the delivery it sends
-after commit, and the outbox sweep that re-sends deliveries the broker lost."""
+"""Notification tasks: `notifications.send` (other services enqueue it), the delivery pump it
+asks for after commit, single deliveries (retries, replays), and the outbox sweep that re-sends
+deliveries the broker lost."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from workers.jobs import record_heartbeat
 from workers.notify.channels import get_channels
 from workers.notify.delivery import (
     DELIVER_TASK,
+    PUMP_TASK,
+    deliver_due,
     deliver_notification,
+    kick,
     policy_from,
+    pump_started,
     send_notification,
     sweep_outbox,
 )
@@ -37,6 +42,23 @@ def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
         task_id=ctx.task_id,
     )
     return outcome.result
+
+
+@task(PUMP_TASK)
+def pump(ctx: TaskContext) -> dict[str, int]:
+    """Every due notification, in batches; sent after each commit that writes notifications."""
+    pump_started()
+    result = deliver_due(
+        ctx.session,
+        utcnow,
+        get_channels(),
+        policy_from(get_settings()),
+        task_id=ctx.task_id,
+        helper=kick,
+    )
+    if result.more:  # out of time with more due: hand over, so other tasks get a turn
+        ctx.enqueue(PUMP_TASK, {})
+    return result.as_dict()
 
 
 @task(SWEEP_JOB)

@@ -1,33 +1,39 @@
 """Notification delivery: persisted once, sent by at most one worker at a time, every attempt
 recorded, transient failures retried with backoff and the rest dead-lettered.
 
-A delivery runs in three steps, like a refund's. (1) One UPDATE claims the PENDING row if it is
-due and no other worker holds it: it counts the attempt and takes a short lease; the template
-is rendered and the recipient resolved (push: the user's valid device tokens) in the same
-transaction, which commits before anything is sent. (2) The provider is called with no
-transaction open. (3) The outcome is written: SENT through the audited transition; a transient
-failure with attempts left schedules the next attempt (`next_attempt_at`, and a delivery
-message with that countdown); anything else moves the row to DEAD and writes its dead letter,
-as a `notifications.deliver` payload an operator can replay.
+A delivery runs in three steps, like a refund's. (1) One UPDATE claims PENDING rows that are
+due and that no other worker holds: it counts the attempt and takes a short lease; templates
+are rendered and recipients resolved (push: the user's valid device tokens) in the same
+transaction, which commits before anything is sent. (2) The providers are called with no
+transaction open. (3) The outcomes are written: SENT through the audited transition; a
+transient failure with attempts left schedules the next attempt (`next_attempt_at`, and a
+`notifications.deliver` message with that countdown); anything else moves the row to DEAD and
+writes its dead letter, as a `notifications.deliver` payload an operator can replay.
+
+New notifications are delivered in batches by `notifications.deliver_due` pumps, which every
+commit that writes notifications asks for (debounced through Redis, so a burst of sends shares
+a few pumps instead of costing a task each). The outbox sweep finds what a lost message left.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, any_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from workers.db import claim, transition, transition_batch
+from workers.db import claim, is_postgres, on_commit, transition, transition_batch
 from workers.db.upsert import insert_ignore
 from workers.dlq import precheck, record_dead_letter
-from workers.enqueue import enqueue_after_commit
+from workers.enqueue import enqueue_after_commit, send
 from workers.errors import Classification, NotFound, PermanentError, classify, one_line
 from workers.models import Notification, NotificationAttempt, PushToken
 from workers.notify.channels import (
@@ -47,6 +53,10 @@ from workers.retry import backoff_delay
 log = logging.getLogger("backstop.notify")
 
 DELIVER_TASK = "notifications.deliver"
+PUMP_TASK = "notifications.deliver_due"
+PUMP_KEY = "backstop:notify:pump"
+# While a pump is queued, notifications written in this window ride on it.
+PUMP_DEBOUNCE_MS = 2000
 OPS_RECIPIENT = "ops"  # workers.alerts writes ops alerts to this recipient
 # A delivery message may run this much before the attempt it was scheduled for (clock skew
 # between the worker that scheduled it and the one that runs it).
@@ -127,8 +137,55 @@ def send_notification(session: Session, payload: SendNotification, now: datetime
             )
             return int(existing)
         notification_id = int(added[0])
-    enqueue_after_commit(session, DELIVER_TASK, {"notification_id": notification_id})
+    kick_after_commit(session)
     return notification_id
+
+
+def kick_after_commit(session: Session) -> None:
+    """Once the session commits, make sure a `notifications.deliver_due` pump is on its way.
+    Sends are debounced through Redis: while one pump is queued and has not started, more
+    notifications ride on it instead of each sending its own message. A pump deletes the key
+    before its first claim, so a notification committed after that claim sends a new one."""
+    on_commit(session, kick)
+
+
+_redis_clients: dict[int, Any] = {}
+
+
+def _pump_redis() -> Any | None:
+    from config import get_settings
+
+    url = get_settings().BROKER_URL
+    if not url.startswith(("redis://", "rediss://")):
+        return None  # the embedded broker: every kick sends its own pump
+    pid = os.getpid()
+    if pid not in _redis_clients:
+        import redis
+
+        _redis_clients.clear()
+        _redis_clients[pid] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    return _redis_clients[pid]
+
+
+def kick() -> None:
+    client = _pump_redis()
+    if client is not None:
+        try:
+            if not client.set(PUMP_KEY, "1", nx=True, px=PUMP_DEBOUNCE_MS):
+                return
+        except Exception as exc:  # Redis unreachable: send the pump anyway
+            log.warning("notification.kick_unchecked", extra={"error": one_line(exc)[:200]})
+    send(PUMP_TASK, {})
+
+
+def pump_started() -> None:
+    """Called by a pump before its first claim: the next kick sends a new pump."""
+    client = _pump_redis()
+    if client is not None:
+        try:
+            client.delete(PUMP_KEY)
+        except Exception as exc:  # its key expires by itself
+            log.warning("notification.pump_key", extra={"error": one_line(exc)[:200]})
 
 
 def request_delivery(session: Session, notification_ids: Sequence[int], now: datetime) -> None:
@@ -147,8 +204,7 @@ def request_delivery(session: Session, notification_ids: Sequence[int], now: dat
     except Exception as exc:
         log.error("notification.enqueue_failed", extra={"error": one_line(exc)[:300]})
         return
-    for notification_id in ids:
-        enqueue_after_commit(session, DELIVER_TASK, {"notification_id": notification_id})
+    kick_after_commit(session)
 
 
 # -- delivering -----------------------------------------------------------------------------------
@@ -168,14 +224,15 @@ class Outcome:
 
 @dataclass
 class Claimed:
-    """Step 1's result: the messages to send, or the permanent reason not to send any."""
+    """Step 1's result for one notification: its messages, or the permanent reason not to
+    send any."""
 
     notification_id: int
     channel: str
     attempt: int
     recipient: str
     messages: list[Message] = field(default_factory=list)
-    problem: DeliveryPermanent | PermanentError | None = None
+    problem: PermanentError | None = None
 
 
 @dataclass
@@ -207,19 +264,134 @@ def deliver_notification(
     task_id: str | None = None,
     rng: random.Random | None = None,
 ) -> Outcome:
-    """Deliver one notification: claim, send, record, committing between the steps."""
-    claimed = claim_delivery(session, notification_id, clock(), policy)
+    """`notifications.deliver`: one notification (a retry, a replay, the sweep's re-send):
+    claim, send, record, committing between the steps."""
+    now = clock()
+    claimed = claim_deliveries(session, now, policy, ids=[notification_id])
+    if not claimed:
+        outcome = _not_claimed(session, notification_id, now)
+        session.commit()
+        return outcome
     session.commit()
-    if isinstance(claimed, Outcome):
-        return claimed
-    sent = Sent()
-    if claimed.problem is None:
-        sent = send_messages(claimed, channels)
-    outcome = record_delivery(
-        session, claimed, sent, clock(), policy, actor=actor, task_id=task_id, rng=rng
+    results = [(one, send_messages(one, channels)) for one in claimed]
+    [outcome] = record_deliveries(
+        session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
     )
     session.commit()
     return outcome
+
+
+@dataclass
+class DueResult:
+    sent: int = 0
+    retry: int = 0
+    dead: int = 0
+    batches: int = 0
+    more: bool = False  # stopped by the time budget with due notifications left
+
+    def as_dict(self) -> dict[str, int]:
+        return {"sent": self.sent, "retry": self.retry, "dead": self.dead, "batches": self.batches}
+
+
+def deliver_due(
+    session: Session,
+    clock: Clock,
+    channels: Channels,
+    policy: Policy,
+    *,
+    batch_size: int = 50,
+    time_budget: float = 10.0,
+    actor: str = PUMP_TASK,
+    task_id: str | None = None,
+    rng: random.Random | None = None,
+    helper: Callable[[], object] | None = None,
+) -> DueResult:
+    """`notifications.deliver_due`: deliver every due notification, a batch at a time. Each
+    batch is claimed with SKIP LOCKED in one statement (so pumps running at once split the
+    work), sent over the channels' kept connections, and recorded with one statement per kind
+    of outcome. Stops at a short batch, or after `time_budget` seconds with `more` set. A
+    first batch that comes back full calls `helper` once (a second pump for another worker
+    process: a backlog is shared out instead of waiting on one)."""
+    import time
+
+    result = DueResult()
+    deadline = time.monotonic() + time_budget
+    while True:
+        claimed = claim_deliveries(session, clock(), policy, limit=batch_size)
+        session.commit()
+        if helper is not None and result.batches == 0 and len(claimed) == batch_size:
+            helper()
+        if claimed:
+            results = [(one, send_messages(one, channels)) for one in claimed]
+            outcomes = record_deliveries(
+                session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
+            )
+            session.commit()
+            for outcome in outcomes:
+                setattr(result, outcome.result, getattr(result, outcome.result) + 1)
+        result.batches += 1
+        if len(claimed) < batch_size:
+            return result
+        if time.monotonic() >= deadline:
+            result.more = True
+            return result
+
+
+def _lease_free(now: datetime) -> ColumnElement[bool]:
+    return Notification.in_flight_until.is_(None) | (Notification.in_flight_until <= now)
+
+
+def claim_deliveries(
+    session: Session,
+    now: datetime,
+    policy: Policy,
+    *,
+    ids: Sequence[int] | None = None,
+    limit: int = 1,
+) -> list[Claimed]:
+    """Step 1: take the notifications `ids`, or up to `limit` due ones, if they are PENDING,
+    due and free, in one compare-and-set UPDATE that counts the attempt and takes a lease (a
+    second claimer's UPDATE waits for our row locks, then finds the lease taken), and prepare
+    their messages. The caller commits before sending."""
+    due = (
+        Notification.status == "PENDING",
+        _lease_free(now),
+        Notification.next_attempt_at <= now + EARLY_TOLERANCE,
+    )
+    if ids is None:
+        picked = claim(
+            select(Notification.id).where(*due).order_by(Notification.next_attempt_at), limit
+        )
+        if is_postgres(session):
+            chosen = Notification.id == any_(func.array(picked.scalar_subquery()))
+        else:
+            ids = list(session.execute(picked).scalars())
+            if not ids:
+                return []
+            chosen = Notification.id.in_(ids)
+    else:
+        chosen = Notification.id.in_(list(ids))
+    rows = session.execute(
+        update(Notification)
+        .where(chosen, *due)
+        .values(
+            attempts=Notification.attempts + 1,
+            in_flight_until=now + policy.lease(len(ids) if ids is not None else limit),
+            updated_at=now,
+        )
+        .returning(Notification.id, *CLAIMED_COLUMNS)
+    ).all()
+    if not rows:
+        return []
+    claimed = prepare(session, rows, policy)
+    sends = sum(len(one.messages) for one in claimed)
+    if sends > len(rows):  # pushes to users with several devices: a longer lease
+        session.execute(
+            update(Notification)
+            .where(Notification.id.in_([row.id for row in rows]))
+            .values(in_flight_until=now + policy.lease(sends))
+        )
+    return claimed
 
 
 CLAIMED_COLUMNS = (
@@ -231,53 +403,44 @@ CLAIMED_COLUMNS = (
 )
 
 
-def claim_delivery(
-    session: Session, notification_id: int, now: datetime, policy: Policy
-) -> Claimed | Outcome:
-    """Step 1: take the row if it is PENDING, due and free, in one compare-and-set UPDATE (a
-    second worker's UPDATE waits for our row lock, then finds the lease taken), and prepare
-    its messages. The caller commits before sending."""
-    lease_free = Notification.in_flight_until.is_(None) | (Notification.in_flight_until <= now)
-    row = session.execute(
-        update(Notification)
-        .where(
-            Notification.id == notification_id,
-            Notification.status == "PENDING",
-            lease_free,
-            Notification.next_attempt_at <= now + EARLY_TOLERANCE,
+def prepare(session: Session, rows: Sequence[Any], policy: Policy) -> list[Claimed]:
+    """Render each claimed notification and resolve where it goes; the push tokens of all of
+    them are read in two statements."""
+    push = [row.recipient for row in rows if row.channel == "push"]
+    users = {r.removeprefix("user:") for r in push if r.startswith("user:")}
+    raw = {r for r in push if not r.startswith("user:")}
+    devices: dict[str, list[str]] = defaultdict(list)
+    if users:
+        for token, user_id in session.execute(
+            select(PushToken.token, PushToken.user_id)
+            .where(PushToken.user_id.in_(users), PushToken.invalidated_at.is_(None))
+            .order_by(PushToken.id.desc())
+        ):
+            if len(devices[user_id]) < MAX_DEVICES:
+                devices[user_id].append(token)
+    invalid: dict[str, datetime] = {}
+    if raw:
+        invalid = dict(
+            session.execute(
+                select(PushToken.token, PushToken.invalidated_at).where(
+                    PushToken.token.in_(raw), PushToken.invalidated_at.is_not(None)
+                )
+            ).all()
         )
-        .values(
-            attempts=Notification.attempts + 1,
-            in_flight_until=now + policy.lease(1),
-            updated_at=now,
-        )
-        .returning(*CLAIMED_COLUMNS)
-    ).one_or_none()
-    if row is None:
-        return _not_claimed(session, notification_id, now)
-    claimed = Claimed(notification_id, row.channel, row.attempts, row.recipient)
-    try:
-        rendered = render(row.template, row.data or {})
-        recipients = resolve(session, row.channel, row.recipient, policy)
-    except PermanentError as problem:
-        claimed.problem = problem
-        return claimed
-    claimed.messages = [
-        Message(
-            notification_id,
-            recipient,
-            rendered.subject,
-            rendered.body,
-            {"notification_id": str(notification_id), "template": row.template},
-        )
-        for recipient in recipients
-    ]
-    if len(recipients) > 1:
-        session.execute(
-            update(Notification)
-            .where(Notification.id == notification_id)
-            .values(in_flight_until=now + policy.lease(len(recipients)))
-        )
+    claimed = []
+    for row in rows:
+        one = Claimed(row.id, row.channel, row.attempts, row.recipient)
+        try:
+            rendered = render(row.template, row.data or {})
+            recipients = resolve(row.channel, row.recipient, policy, devices, invalid)
+        except PermanentError as problem:
+            one.problem = problem
+        else:
+            data = {"notification_id": str(row.id), "template": row.template}
+            one.messages = [
+                Message(row.id, to, rendered.subject, rendered.body, data) for to in recipients
+            ]
+        claimed.append(one)
     return claimed
 
 
@@ -300,7 +463,13 @@ def _not_claimed(session: Session, notification_id: int, now: datetime) -> Outco
     return Outcome(notification_id, result, row.attempts)
 
 
-def resolve(session: Session, channel: str, recipient: str, policy: Policy) -> list[str]:
+def resolve(
+    channel: str,
+    recipient: str,
+    policy: Policy,
+    devices: dict[str, list[str]],
+    invalid: dict[str, datetime],
+) -> list[str]:
     """Where the message goes: an address, a phone number, or device tokens. A push token
     marked invalid is never sent to again."""
     if channel == "email" and recipient == OPS_RECIPIENT:
@@ -310,26 +479,14 @@ def resolve(session: Session, channel: str, recipient: str, policy: Policy) -> l
     if channel != "push":
         return [recipient]
     if recipient.startswith("user:"):
-        user_id = recipient.removeprefix("user:")
-        tokens = list(
-            session.execute(
-                select(PushToken.token)
-                .where(PushToken.user_id == user_id, PushToken.invalidated_at.is_(None))
-                .order_by(PushToken.id.desc())
-                .limit(MAX_DEVICES)
-            ).scalars()
-        )
+        tokens = devices.get(recipient.removeprefix("user:"))
         if not tokens:
             raise NoPushToken(f"{recipient} has no valid push token")
         return tokens
-    invalid = session.execute(
-        select(PushToken.invalidated_at).where(
-            PushToken.token == recipient, PushToken.invalidated_at.is_not(None)
-        )
-    ).scalar_one_or_none()
-    if invalid is not None:
+    if recipient in invalid:
         raise NoPushToken(
-            f"push token {mask(recipient)} was marked invalid at {invalid.isoformat()}: not sent"
+            f"push token {mask(recipient)} was marked invalid at "
+            f"{invalid[recipient].isoformat()}: not sent"
         )
     return [recipient]
 
@@ -348,44 +505,90 @@ def send_messages(claimed: Claimed, channels: Channels) -> Sent:
     return sent
 
 
-def record_delivery(
+def record_deliveries(
     session: Session,
-    claimed: Claimed,
-    sent: Sent,
+    results: Sequence[tuple[Claimed, Sent]],
     now: datetime,
     policy: Policy,
     *,
     actor: str,
     task_id: str | None,
     rng: random.Random | None = None,
-) -> Outcome:
-    """Step 3: the attempt's row, then SENT, the next attempt, or DEAD and its dead letter."""
-    notification_id, attempt = claimed.notification_id, claimed.attempt
-    error = claimed.problem or sent.error()
-    if sent.unregistered:
-        invalidate_tokens(session, sent.unregistered, now)
-    extra = {"notification_id": notification_id, "attempt": attempt, "channel": claimed.channel}
-    if error is None:
-        ref = ",".join(filter(None, sent.refs))[:256] or None
-        partial = "; ".join(one_line(e) for e in [*sent.errors, *sent.unregistered])
-        _attempt(session, claimed, "SENT", partial or None, ref, now)
+) -> list[Outcome]:
+    """Step 3: every attempt's row, then SENT for all delivered (one audited batch
+    transition), and for each failure its next attempt, or DEAD and its dead letter."""
+    gone = [token for _, sent in results for token in sent.unregistered]
+    if gone:
+        invalidate_tokens(session, gone, now)
+    attempts: list[dict[str, Any]] = []
+    delivered: list[int] = []
+    outcomes: list[Outcome] = []
+    for claimed, sent in results:
+        error = claimed.problem or sent.error()
+        row = {
+            "notification_id": claimed.notification_id,
+            "attempt": claimed.attempt,
+            "at": now,
+        }
+        if error is None:
+            partial = "; ".join(one_line(e) for e in [*sent.errors, *sent.unregistered])
+            refs = ",".join(filter(None, sent.refs))[:256]
+            attempts.append(
+                {
+                    **row,
+                    "outcome": "SENT",
+                    "error": partial[:2000] or None,
+                    "provider_ref": refs or None,
+                }
+            )
+            delivered.append(claimed.notification_id)
+            outcomes.append(Outcome(claimed.notification_id, "sent", claimed.attempt))
+            log.info(
+                "notification.sent",
+                extra={
+                    "notification_id": claimed.notification_id,
+                    "attempt": claimed.attempt,
+                    "channel": claimed.channel,
+                    "recipient": mask(claimed.recipient),
+                },
+            )
+            continue
+        message = f"{type(error).__name__}: {one_line(error)}"[:2000]
+        attempts.append(
+            {**row, "outcome": classify(error).value, "error": message, "provider_ref": None}
+        )
+        outcomes.append(_failed(session, claimed, error, message, now, policy, actor, task_id, rng))
+    session.execute(insert(NotificationAttempt), attempts)
+    if delivered:
         transition_batch(
             session,
             "notifications",
-            select(Notification.id).where(Notification.id == notification_id),
+            select(Notification.id).where(Notification.id.in_(delivered)),
             "PENDING",
             "SENT",
             actor=actor,
-            reason=f"delivered by {claimed.channel}",
+            reason="delivered",
             now=now,
-            values={"sent_at": now, "in_flight_until": None, "last_error": partial or None},
+            values={"sent_at": now, "in_flight_until": None, "last_error": None},
         )
-        log.info("notification.sent", extra={**extra, "recipient": mask(claimed.recipient)})
-        return Outcome(notification_id, "sent", attempt)
+    return outcomes
 
-    message = f"{type(error).__name__}: {one_line(error)}"[:2000]
+
+def _failed(
+    session: Session,
+    claimed: Claimed,
+    error: Exception,
+    message: str,
+    now: datetime,
+    policy: Policy,
+    actor: str,
+    task_id: str | None,
+    rng: random.Random | None,
+) -> Outcome:
+    """A failed attempt: the next one scheduled with backoff, or DEAD and a dead letter."""
+    notification_id, attempt = claimed.notification_id, claimed.attempt
+    extra = {"notification_id": notification_id, "attempt": attempt, "channel": claimed.channel}
     kind = classify(error)
-    _attempt(session, claimed, kind.value, message, None, now)
     if kind is Classification.TRANSIENT and attempt < policy.max_attempts:
         delay = policy.delay(attempt, rng)
         session.execute(
@@ -433,30 +636,10 @@ def record_delivery(
     return Outcome(notification_id, "dead", attempt, error=message)
 
 
-def _attempt(
-    session: Session,
-    claimed: Claimed,
-    outcome: str,
-    error: str | None,
-    ref: str | None,
-    now: datetime,
-) -> None:
-    session.execute(
-        insert(NotificationAttempt).values(
-            notification_id=claimed.notification_id,
-            attempt=claimed.attempt,
-            outcome=outcome,
-            error=error[:2000] if error else None,
-            provider_ref=ref,
-            at=now,
-        )
-    )
-
-
 def invalidate_tokens(session: Session, gone: Sequence[TokenUnregistered], now: datetime) -> None:
     """Mark device tokens the provider no longer knows invalid, registered or not, so that no
     notification is sent to them again. The first invalidation's time and reason stay."""
-    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    module = postgresql if is_postgres(session) else sqlite
     rows = {
         error.token: {
             "token": error.token,
