@@ -743,3 +743,19 @@ def test_sends_ride_on_a_queued_pump_until_it_starts(committed: Engine, redis: A
     pump_started()  # a pump took the key: what is written after it needs a new one
     send("sms", "+14155550003")
     assert queued(redis) == [(PUMP_TASK, {})] * 2
+
+
+def test_the_demo_seeds_its_notifications_once(committed: Engine, redis: Any) -> None:
+    from workers.demo import seed, seed_notifications
+
+    with session_scope() as session:
+        seed(session, T0, holds=4)
+        ids = seed_notifications(session, T0)
+    with session_scope() as session:
+        assert seed_notifications(session, T0) == []
+        users = set(session.scalars(select(PushToken.user_id)))
+    assert len(ids) == 3 and {row(n).status for n in ids} == {"PENDING"}
+    assert users == {"demo-user-0", "demo-user-1", "demo-user-2", "demo-user-3"}
+    assert [kwargs for task, kwargs in queued(redis) if task == DELIVER_TASK] == [
+        {"notification_id": n} for n in ids
+    ]
