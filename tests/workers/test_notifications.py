@@ -759,3 +759,30 @@ def test_the_demo_seeds_its_notifications_once(committed: Engine, redis: Any) ->
     assert [kwargs for task, kwargs in queued(redis) if task == DELIVER_TASK] == [
         {"notification_id": n} for n in ids
     ]
+
+
+def test_odd_rows_written_by_plain_sql_end_dead_without_stopping_the_pump(
+    committed: Engine, channels: Channels, smtp: Any
+) -> None:
+    not_an_object = plain_insert(
+        channel="email", recipient="a@example.com", template="message", data=[1, 2]
+    )
+    injected = plain_insert(
+        channel="email",
+        recipient="b@example.com",
+        template="message",
+        data={"subject": "Hi\r\nBcc: victim@example.com", "body": "x"},
+    )
+    garbage = plain_insert(channel="email", recipient="\u00e4\n@", template="message", data=MESSAGE)
+    fine = send("email", "c@example.com")
+    with new_session() as session:
+        result = deliver_due(session, Clock(), channels, POLICY)
+    assert (result.sent, result.dead) == (2, 2)
+    assert row(not_an_object).status == row(garbage).status == "DEAD"
+    assert row(injected).status == row(fine).status == "SENT"
+    subjects = sorted(mail["Subject"] for mail in smtp.messages)
+    assert subjects == ["Court 3", "Hi Bcc: victim@example.com"]
+    assert all(
+        to == ["b@example.com"] or to == ["c@example.com"] for _, to in smtp.handler.envelopes
+    )
+    assert "data is a JSON list" in (row(not_an_object).last_error or "")

@@ -117,7 +117,7 @@ class EmailChannel:
         mail = EmailMessage()
         mail["From"] = self.sender
         mail["To"] = message.recipient
-        mail["Subject"] = message.subject
+        mail["Subject"] = " ".join(message.subject.split())  # no header injection
         mail["Date"] = email.utils.formatdate(usegmt=True)
         domain = self.sender.rpartition("@")[2] or "backstop"
         message_id = f"<{message.idempotency_key}@{domain}>"

@@ -431,10 +431,12 @@ def prepare(session: Session, rows: Sequence[Any], policy: Policy) -> list[Claim
     for row in rows:
         one = Claimed(row.id, row.channel, row.attempts, row.recipient)
         try:
-            rendered = render(row.template, row.data or {})
+            rendered = render(row.template, {} if row.data is None else row.data)
             recipients = resolve(row.channel, row.recipient, policy, devices, invalid)
         except PermanentError as problem:
             one.problem = problem
+        except Exception as bug:  # one odd row must not stop the batch it was claimed in
+            one.problem = PermanentError(f"cannot prepare: {type(bug).__name__}: {one_line(bug)}")
         else:
             data = {"notification_id": str(row.id), "template": row.template}
             one.messages = [
@@ -502,6 +504,8 @@ def send_messages(claimed: Claimed, channels: Channels) -> Sent:
             sent.unregistered.append(gone)
         except (DeliveryTransient, DeliveryPermanent) as error:
             sent.errors.append(error)
+        except Exception as bug:  # a message the channel cannot even build: never a retry
+            sent.errors.append(DeliveryPermanent(f"{type(bug).__name__}: {one_line(bug)}"))
     return sent
 
 

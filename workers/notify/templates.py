@@ -78,6 +78,8 @@ def missing_fields(name: str, data: Mapping[str, Any]) -> list[str]:
 
 def render(name: str, data: Mapping[str, Any]) -> Rendered:
     template = lookup(name)
+    if not isinstance(data, Mapping):  # a row written with plain SQL may hold anything
+        raise TemplateError(f"data is a JSON {type(data).__name__}, not an object")
     values = {key: str(value) for key, value in data.items()}
     if template is ALERT:
         values["alert_name"] = name.removeprefix(ALERT_PREFIX)
