@@ -348,10 +348,11 @@ def test_a_permanent_failure_ends_dead_at_once(
     case: str,
     error_type: str,
     message: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     policy = POLICY
     if case == "smtp_550":
-        smtp.handler.refuse["gone@example.com"] = "550 5.1.1 no such user here"
+        smtp.handler.refuse["gone@example.com"] = "550 5.1.1 <gone@example.com>: no such user"
         notification = send("email", "gone@example.com")
     elif case == "http_400":
         sandbox.add_fault("sms", "400")
@@ -379,6 +380,10 @@ def test_a_permanent_failure_ends_dead_at_once(
     assert message in letter.error_message
     assert attempts(notification)[0][1] == "PERMANENT"
     assert smtp.messages == [] and sandbox.messages() == []
+    # The logs show the error with the recipient masked, even where the server repeated it.
+    logged = [vars(record) for record in caplog.records if record.name == "backstop.notify"]
+    assert any(entry["msg"] == "notification.dead" for entry in logged)
+    assert "gone@example.com" not in repr(logged)
 
 
 def test_an_unregistered_token_is_invalidated_and_never_used_again(

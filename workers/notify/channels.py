@@ -16,6 +16,7 @@ or 410, or any answer whose JSON `error` is `Unregistered` or `NotRegistered` (F
 from __future__ import annotations
 
 import email.utils
+import re
 import smtplib
 import socket
 import ssl
@@ -84,6 +85,15 @@ def mask(recipient: str) -> str:
     if recipient.startswith("+"):
         return recipient[:3] + "*" * max(len(recipient) - 5, 0) + recipient[-2:]
     return recipient[:6] + "..."
+
+
+ADDRESSES = re.compile(r"[^\s<>@'\"]+@[^\s<>@'\"]+|\+[0-9]{7,15}")
+
+
+def scrub(text: str) -> str:
+    """An error for the logs with every address and phone number in it masked (an SMTP server
+    often repeats the recipient in its refusal)."""
+    return ADDRESSES.sub(lambda found: mask(found.group()), text)
 
 
 # -- email ----------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from workers.notify.channels import (
     NoPushToken,
     TokenUnregistered,
     mask,
+    scrub,
 )
 from workers.notify.templates import render
 from workers.payloads import SendNotification
@@ -609,7 +610,9 @@ def _failed(
         enqueue_after_commit(
             session, DELIVER_TASK, {"notification_id": notification_id}, countdown=delay
         )
-        log.warning("notification.retry", extra={**extra, "error": message, "countdown": delay})
+        log.warning(
+            "notification.retry", extra={**extra, "error": scrub(message), "countdown": delay}
+        )
         return Outcome(notification_id, "retry", attempt, retry_in=delay, error=message)
 
     reason = "attempts exhausted" if kind is Classification.TRANSIENT else "permanent error"
@@ -635,7 +638,7 @@ def _failed(
     )
     log.error(
         "notification.dead",
-        extra={**extra, "error": message, "dead_letter_id": letter, "why": reason},
+        extra={**extra, "error": scrub(message), "dead_letter_id": letter, "why": reason},
     )
     return Outcome(notification_id, "dead", attempt, error=message)
 
