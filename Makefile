@@ -44,11 +44,23 @@ run: export STRIPE_API_BASE := $(SIMULATOR)
 run: PROCESSES := simulator: backstop simulator --port 8765 --demo
 endif
 
+# Likewise SMS and push go to the local notification sandbox unless a provider URL is set;
+# the demo retries after a few seconds instead of a minute.
+NOTIFY_SANDBOX := http://127.0.0.1:8766
+ifeq ($(SMS_PROVIDER_URL)$(PUSH_PROVIDER_URL),)
+run: export SMS_PROVIDER_URL := $(NOTIFY_SANDBOX)
+run: export SMS_PROVIDER_API_KEY := sandbox-key
+run: export PUSH_PROVIDER_URL := $(NOTIFY_SANDBOX)
+run: export PUSH_PROVIDER_API_KEY := sandbox-key
+run: export NOTIFY_BACKOFF_SECONDS ?= 5
+run: NOTIFY_PROCESSES := notify-sandbox: backstop notify-sandbox --port 8766 --demo
+endif
+
 run: install
 	$(VENV)/bin/backstop demo prune-broker
 	$(VENV)/bin/backstop db upgrade
 	$(VENV)/bin/backstop demo seed
-	@mkdir -p var && { cat Procfile; echo "$(PROCESSES)"; } > var/Procfile.run
+	@mkdir -p var && { cat Procfile; echo "$(PROCESSES)"; echo "$(NOTIFY_PROCESSES)"; } > var/Procfile.run
 	@# Ctrl-C stops every process; honcho then exits 130, which is the normal way out here.
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/honcho start -f var/Procfile.run || [ $$? -eq 130 ]
 
@@ -66,6 +78,7 @@ test: install redis-server node-deps lint
 bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/holds.py
 	$(PY) -m tests.services -- $(PY) bench/refunds.py
+	$(PY) -m tests.services -- $(PY) bench/notifications.py
 	$(PY) -m tests.services -- $(PY) bench/dlq.py
 
 # docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).

@@ -58,6 +58,14 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
 
 def celery_config(settings: Settings) -> dict[str, object]:
     """The Celery configuration mapping for `app.conf.update`."""
+    config = _celery_config(settings)
+    if settings.BROKER_URL == "filesystem://":
+        # kombu's filesystem transport, writing each message whole before it appears.
+        config["broker_transport"] = "workers.embedded_broker:Transport"
+    return config
+
+
+def _celery_config(settings: Settings) -> dict[str, object]:
     return {
         "broker_url": settings.BROKER_URL,
         "broker_transport_options": broker_transport_options(settings),

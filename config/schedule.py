@@ -36,6 +36,14 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": parse_cron(settings.RETENTION_CRON),
             "options": {"queue": "batch"},
         },
+        "sweep-notification-outbox": {
+            "task": "notifications.sweep_outbox",
+            "schedule": timedelta(seconds=settings.NOTIFY_OUTBOX_SWEEP_SECONDS),
+            "options": {
+                "queue": "notifications",
+                "expires": settings.NOTIFY_OUTBOX_SWEEP_SECONDS,
+            },
+        },
         "check-schedules": {
             "task": "ops.check_schedules",
             "schedule": CHECK_SCHEDULES_EVERY,
@@ -93,6 +101,8 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         + timedelta(minutes=10),
         "dlq.triage": longest_gap(parse_cron(settings.DLQ_TRIAGE_CRON)) + timedelta(minutes=10),
         "ops.retention": longest_gap(parse_cron(settings.RETENTION_CRON)) + timedelta(hours=1),
+        "notifications.sweep_outbox": timedelta(seconds=settings.NOTIFY_OUTBOX_SWEEP_SECONDS) * 5
+        + timedelta(minutes=1),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -58,6 +59,20 @@ def _basic_auth(value: str | None) -> str | None:
     return value
 
 
+# An address as SMTP takes it: local@domain, no spaces or angle brackets (no display name).
+EMAIL_PATTERN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
+
+
+def _email(value: str) -> str:
+    if len(value) > 254 or not EMAIL_PATTERN.fullmatch(value):
+        raise ValueError("expected an email address like name@example.com")
+    return value
+
+
+def _optional_email(value: str | None) -> str | None:
+    return None if value is None else _email(value)
+
+
 Cron = Annotated[str, AfterValidator(_cron)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -105,7 +120,25 @@ class Settings(BaseSettings):
     REFUND_ESCALATE_AFTER_SECONDS: PositiveInt = 86400
     RECONCILE_CRON: Cron = "0 2 * * *"
     NOTIFY_MAX_ATTEMPTS: PositiveInt = 5
-    NOTIFY_BACKOFF_SECONDS: PositiveInt = 60
+    # Fractions of a second are accepted, for tests.
+    NOTIFY_BACKOFF_SECONDS: Annotated[float, Field(gt=0)] = 60
+    # Notification channels (workers/notify). Unset provider settings leave a channel off: its
+    # notifications fail permanently, naming the setting, until it is set and they are replayed.
+    SMTP_HOST: str | None = None
+    SMTP_PORT: Annotated[int, Field(ge=1, le=65535)] = 587
+    SMTP_USERNAME: str | None = None
+    SMTP_PASSWORD: SecretStr | None = None
+    SMTP_STARTTLS: bool = True
+    NOTIFY_EMAIL_FROM: Annotated[str, AfterValidator(_email)] = "backstop@localhost"
+    NOTIFY_OPS_EMAIL: Annotated[str | None, AfterValidator(_optional_email)] = None
+    SMS_PROVIDER_URL: str | None = None
+    SMS_PROVIDER_API_KEY: SecretStr | None = None
+    PUSH_PROVIDER_URL: str | None = None
+    PUSH_PROVIDER_API_KEY: SecretStr | None = None
+    # One SMTP conversation or provider request, and the outbox sweep's rhythm and patience.
+    NOTIFY_TIMEOUT_SECONDS: Annotated[float, Field(gt=0, le=60)] = 10.0
+    NOTIFY_OUTBOX_SWEEP_SECONDS: PositiveInt = 60
+    NOTIFY_OUTBOX_AFTER_SECONDS: Annotated[float, Field(ge=0)] = 300
     DLQ_TRIAGE_CRON: Cron = "*/15 * * * *"
     DLQ_MANUAL_AFTER_SECONDS: PositiveInt = 86400
     # Automatic replays of one dead letter before it goes to manual review; letters claimed
@@ -169,7 +202,7 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = ".".join(str(part) for part in first["loc"]) or "settings"
         given = first.get("input")
-        secret = any(word in name for word in ("SECRET", "KEY", "AUTH", "DSN"))
+        secret = any(word in name for word in ("SECRET", "KEY", "AUTH", "DSN", "PASSWORD"))
         shown = "" if secret or repr(given) in first["msg"] else f" (got {given!r})"
         raise SettingsError(f"bad setting {name}: {first['msg']}{shown}") from None
 

@@ -62,7 +62,7 @@ def sweep(ctx: TaskContext) -> dict[str, int]:
 
 @task("holds.expired", payload=HoldsExpired)
 def expired(ctx: TaskContext, payload: HoldsExpired) -> int:
-    return notify_expired(ctx.session, list(payload.hold_ids))
+    return notify_expired(ctx.session, list(payload.hold_ids), ctx.now)
 
 
 @batch_precheck("holds.expire")

@@ -27,8 +27,10 @@ TABLES = (
     "reconciliation_runs",
     "refunds",
     "payments",
+    "notification_attempts",
     "notifications",
     "dead_letter_events",
+    "push_tokens",
     "dead_letters",
     "webhook_events",
     "job_runs",
@@ -212,3 +214,33 @@ def gateways(simulator_server: Any, sim: Any) -> dict[str, Any]:
         ),
         "stripe": StripeGateway(sim.stripe_api_key, simulator_server.url, timeout=0.5),
     }
+
+
+@pytest.fixture(scope="session")
+def smtp_server() -> Iterator[Any]:
+    from tests.smtp_sink import SmtpSink
+
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def smtp(smtp_server: Any) -> Any:
+    """A real SMTP server (aiosmtpd) in this process, emptied: what arrived, what to refuse."""
+    smtp_server.handler.reset()
+    return smtp_server
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[Any]:
+    from workers.notify.sandbox import SandboxServer
+
+    with SandboxServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: Any) -> Any:
+    """The local SMS/push provider's state, reset: deliveries, faults, unregistered tokens."""
+    sandbox_server.state.reset()
+    return sandbox_server.state

@@ -129,9 +129,16 @@ def test_embedded_default_expires_holds_and_flower_sees_them(tmp_path: Path) -> 
                 return dict(session.execute(select(BookingHold.id, BookingHold.status)).all())
 
         wait_until(lambda: set(statuses().values()) == {"EXPIRED"}, timeout=60)
-        with Session(engine) as session:
-            beats = session.scalar(select(JobRun).where(JobRun.job_name == "holds.sweep_expired"))
-            assert beats is not None and beats.runs >= 1
+
+        # The sweep commits its expiries batch by batch and its heartbeat row after them.
+        def heartbeat() -> JobRun | None:
+            with Session(engine) as session:
+                return session.scalar(
+                    select(JobRun).where(JobRun.job_name == "holds.sweep_expired")
+                )
+
+        beats = wait_until(heartbeat, timeout=30)
+        assert beats.runs >= 1  # type: ignore[attr-defined]
 
         assert flower_get(port, "/api/tasks", None)[0] == 401
         assert flower_get(port, "/api/tasks", "ops:wrong")[0] == 401
@@ -173,3 +180,28 @@ def test_prune_keeps_waiting_tasks_and_drops_stale_event_queues(tmp_path: Path) 
     assert prune_embedded_broker(tmp_path) == 2
     assert not control.exists()
     assert sorted(messages.iterdir()) == sorted(kept)
+
+
+def test_the_embedded_broker_never_shows_a_worker_a_half_written_message(tmp_path: Path) -> None:
+    from kombu import Connection
+
+    from config.celery import celery_config
+    from config.settings import load_settings
+
+    assert celery_config(load_settings(BROKER_URL="filesystem://"))["broker_transport"] == (
+        "workers.embedded_broker:Transport"
+    )
+    folder = tmp_path / "messages"
+    folder.mkdir()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    with Connection(
+        "filesystem://", transport="workers.embedded_broker:Transport", transport_options=options
+    ) as connection:
+        queue = connection.SimpleQueue("default")
+        # What a writer leaves while it writes: never taken, whatever its state.
+        (folder / "1_x.default.msg.part").write_bytes(b"")
+        queue.put({"hold_id": 1})
+        assert [path.suffix for path in folder.iterdir()].count(".msg") == 1
+        assert queue.get(timeout=1).payload == {"hold_id": 1}
+        assert [path.name for path in folder.iterdir()] == ["1_x.default.msg.part"]
+        queue.close()

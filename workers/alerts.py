@@ -11,10 +11,9 @@ from sqlalchemy.orm import Session
 
 from workers.db.upsert import insert_ignore
 from workers.models import Notification
+from workers.notify.delivery import OPS_RECIPIENT, request_delivery
 
 log = logging.getLogger("backstop.alerts")
-
-OPS_RECIPIENT = "ops"
 
 
 def raise_alert(
@@ -38,6 +37,9 @@ def raise_alert(
         returning=Notification.id,
     )
     if added:
+        # Delivered by email to NOTIFY_OPS_EMAIL once the caller commits; a failure there never
+        # fails the caller.
+        request_delivery(session, added, now)
         log.error("alert.%s", name, extra={"alert": message, **fields})
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("alert", name)

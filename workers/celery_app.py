@@ -12,7 +12,7 @@ from config.schedule import beat_schedule
 from workers import logs
 from workers.db import dispose_engine
 
-TASK_MODULES = ["tasks.holds", "tasks.refunds", "tasks.ops", "tasks.dlq"]
+TASK_MODULES = ["tasks.holds", "tasks.refunds", "tasks.ops", "tasks.dlq", "tasks.notifications"]
 
 settings = get_settings()
 app = Celery("backstop", include=TASK_MODULES)

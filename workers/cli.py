@@ -63,6 +63,25 @@ def simulator(host: str, port: int, demo: bool) -> None:
         serve(host, port, **credentials)
 
 
+@main.command("notify-sandbox")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8766, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--demo", is_flag=True, help="Start with the faults of `make run`.")
+def notify_sandbox(host: str, port: int, demo: bool) -> None:
+    """Run the local SMS and push provider (point SMS_PROVIDER_URL/PUSH_PROVIDER_URL at it).
+
+    It accepts the API key `sandbox-key`. Never for production traffic.
+    """
+    from workers.notify.sandbox import serve
+
+    if demo:
+        from workers.demo import seed_sandbox
+
+        serve(host, port, setup=seed_sandbox)
+    else:
+        serve(host, port)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def health(as_json: bool) -> None:
@@ -98,14 +117,30 @@ def demo_seed(as_json: bool) -> None:
     from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
     from workers.base import utcnow
     from workers.db import session_scope
-    from workers.demo import seed, seed_refunds
+    from workers.demo import seed, seed_notifications, seed_refunds
 
     with session_scope() as session:
         ids = seed(session, utcnow())
         refunds = seed_refunds(session, utcnow())
+        notifications = seed_notifications(session, utcnow())
     if as_json:
-        click.echo(json.dumps({"seeded_holds": ids, "seeded_refunds": refunds}))
+        click.echo(
+            json.dumps(
+                {
+                    "seeded_holds": ids,
+                    "seeded_refunds": refunds,
+                    "seeded_notifications": notifications,
+                }
+            )
+        )
         return
+    if notifications:
+        click.echo(
+            f"demo: seeded {len(notifications)} notifications (SMS and push, on the local "
+            "sandbox): the SMS is retried with backoff, one push is delivered, the push to a "
+            "stale device token lands in the dead-letter queue",
+            err=True,
+        )
     if refunds:
         click.echo(
             f"demo: seeded {len(refunds)} refunds (Razorpay and Stripe, on the local "

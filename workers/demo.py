@@ -13,7 +13,8 @@ from config import get_settings
 from config.celery import QUEUES
 from workers.enqueue import enqueue_after_commit
 from workers.gateways.simulator import SimulatorState
-from workers.models import BookingHold, Payment, Refund
+from workers.models import BookingHold, Notification, Payment, PushToken, Refund
+from workers.notify.sandbox import SandboxState
 
 
 def seed(session: Session, now: datetime, *, holds: int = 24) -> list[int]:
@@ -125,4 +126,56 @@ def seed_refunds(session: Session, now: datetime) -> list[int]:
         # A few seconds, so the simulator `make run` starts is listening by then.
         enqueue_after_commit(session, "refunds.submit", {"refund_id": refund}, countdown=8)
         ids.append(refund)
+    return ids
+
+
+# The demo's notifications, delivered by the local SMS/push sandbox `make run` starts: the SMS
+# provider answers 503 once (the SMS is retried with backoff, then sent), the push to the
+# user's device goes through, and the push to a token the provider no longer knows ends DEAD
+# in the dead-letter queue, the token marked invalid.
+DEMO_DEVICE, DEMO_STALE_DEVICE = "demo-device-0001", "demo-device-stale"
+
+
+def seed_sandbox(state: SandboxState) -> None:
+    state.add_fault("sms", "503", remaining=1)
+    state.unregister(DEMO_STALE_DEVICE)
+
+
+def seed_notifications(session: Session, now: datetime) -> list[int]:
+    """Three notifications, as `notifications.send` would write them, due in a few seconds
+    (so the sandbox is listening by then); nothing if the database already has some."""
+    if session.scalar(select(func.count()).select_from(Notification)):
+        return []
+    # Every demo user has a phone, so the waitlist notices of expired holds are delivered too.
+    users = set(session.scalars(select(BookingHold.user_id).distinct())) - {"demo-user-1"}
+    session.execute(
+        insert(PushToken),
+        [{"token": DEMO_DEVICE, "user_id": "demo-user-1"}]
+        + [{"token": f"demo-device-{user}", "user_id": user} for user in sorted(users)],
+    )
+    due = now + timedelta(seconds=8)
+    rows = [
+        ("sms", "+14155550123", "booking_confirmed"),
+        ("push", "user:demo-user-1", "booking_confirmed"),
+        ("push", DEMO_STALE_DEVICE, "booking_confirmed"),
+    ]
+    ids = []
+    for channel, recipient, template in rows:
+        notification = session.execute(
+            insert(Notification)
+            .values(
+                channel=channel,
+                recipient=recipient,
+                template=template,
+                data={"resource_id": "court-1", "start_time": "tomorrow 18:00"},
+                dedupe_key=f"demo:{channel}:{recipient}",
+                next_attempt_at=due,
+                enqueued_at=now,
+            )
+            .returning(Notification.id)
+        ).scalar_one()
+        enqueue_after_commit(
+            session, "notifications.deliver", {"notification_id": notification}, countdown=8
+        )
+        ids.append(notification)
     return ids

@@ -73,17 +73,19 @@ def record_dead_letter(
 
 
 def storable(value: Any) -> Any:
-    """JSON and text as Postgres can keep them: its text cannot hold NUL characters, and a
-    dead letter that cannot be written would be retried for ever. NUL becomes U+FFFD, and a
-    float JSON cannot hold (inf, nan) its name."""
+    """`value` as Postgres can keep it: text and jsonb refuse NUL characters and unpaired
+    surrogates, jsonb refuses NaN and infinities. A payload that carries them (a fuzzed or
+    corrupt message) must still get its dead letter: they are kept as escapes and strings."""
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
+        # Unpaired surrogates (valid JSON escapes, invalid UTF-8) are kept as their escapes.
+        text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.replace("\x00", "\\u0000")
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no Infinity or NaN
-    if isinstance(value, list):
-        return [storable(item) for item in value]
+        return str(value)
     if isinstance(value, dict):
         return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
     return value
 
 

@@ -23,6 +23,7 @@ from workers.db.upsert import insert_ignore
 from workers.enqueue import enqueue_after_commit
 from workers.errors import NotFound
 from workers.models import BookingHold, Notification
+from workers.notify.delivery import request_delivery
 
 FOLLOW_UP_TASK = "holds.expired"
 
@@ -125,9 +126,10 @@ def _expire_due_holds(batch_size: int, actor: str) -> BatchTransition:
     )
 
 
-def notify_expired(session: Session, hold_ids: list[int]) -> int:
+def notify_expired(session: Session, hold_ids: list[int], now: datetime | None = None) -> int:
     """The follow-up of an expiry: one waitlist notification row per expired hold, written
-    once however often the follow-up runs (the dedupe key is the hold's). Returns rows added."""
+    once however often the follow-up runs (the dedupe key is the hold's), delivered after
+    commit when `now` is given. Returns rows added."""
     holds = session.execute(
         select(
             BookingHold.id,
@@ -154,8 +156,9 @@ def notify_expired(session: Session, hold_ids: list[int]) -> int:
         }
         for hold in holds
     ]
-    return len(
-        insert_ignore(
-            session, Notification, rows, conflict=["dedupe_key"], returning=Notification.id
-        )
+    added = insert_ignore(
+        session, Notification, rows, conflict=["dedupe_key"], returning=Notification.id
     )
+    if now is not None:
+        request_delivery(session, added, now)
+    return len(added)

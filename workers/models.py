@@ -171,6 +171,13 @@ class Notification(Base):
     __table_args__ = (
         CheckConstraint(_statuses(*NOTIFICATION_STATUSES), name="status"),
         CheckConstraint("channel IN ('email', 'sms', 'push')", name="channel"),
+        # The outbox sweep reads only PENDING notifications that are due.
+        Index(
+            "ix_notifications_pending_next_attempt_at",
+            "next_attempt_at",
+            postgresql_where=text("status = 'PENDING'"),
+            sqlite_where=text("status = 'PENDING'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -185,6 +192,46 @@ class Notification(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
     updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
     sent_at: Mapped[datetime | None]
+    # When the next delivery attempt is due: at once for a new row, later after a failure.
+    next_attempt_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # When a delivery message was last sent for it; the outbox sweep re-sends after a while.
+    enqueued_at: Mapped[datetime | None]
+    # A worker holds the notification until then while it is being delivered.
+    in_flight_until: Mapped[datetime | None]
+
+
+class NotificationAttempt(Base):
+    """One delivery attempt of a notification: its number, outcome and error."""
+
+    __tablename__ = "notification_attempts"
+    __table_args__ = (
+        CheckConstraint("outcome IN ('SENT', 'TRANSIENT', 'PERMANENT')", name="outcome"),
+        Index("ix_notification_attempts_notification_id", "notification_id", "attempt"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    # What the provider called the message (SMTP Message-ID, the provider's id).
+    provider_ref: Mapped[str | None] = mapped_column(String(256))
+    at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
+class PushToken(Base):
+    """A device's push token. Other services register tokens; a token the provider says is
+    unregistered gets `invalidated_at` and is never sent to again."""
+
+    __tablename__ = "push_tokens"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    token: Mapped[str] = mapped_column(String(256), unique=True)
+    user_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    invalidated_at: Mapped[datetime | None]
+    invalid_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
 
 DEAD_LETTER_STATUSES = ("NEW", "RETRYING", "REPLAYED", "MANUAL_REVIEW", "DISCARDED")

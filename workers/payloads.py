@@ -6,11 +6,16 @@ other services the JSON Schema of each task.
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from config.settings import EMAIL_PATTERN
 from workers.errors import PayloadError
+from workers.notify.templates import TemplateError, lookup, missing_fields
 
 Id = Annotated[int, Field(gt=0, lt=2**63)]
 
@@ -43,6 +48,113 @@ class DispatchReplays(Payload):
 
 class HoldsExpired(Payload):
     hold_ids: Annotated[list[Id], Field(min_length=1, max_length=10_000)]
+
+
+# Recipients per channel: an email address; an E.164 phone number; a device token, or
+# `user:<id>` for every valid token the user registered in `push_tokens`.
+PHONE_PATTERN = re.compile(r"\+[1-9][0-9]{6,14}")
+PUSH_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_:.\-]{8,256}")
+PUSH_USER_PATTERN = re.compile(r"user:[!-~]{1,123}")
+TEMPLATE_PATTERN = re.compile(r"[a-z][a-z0-9_.-]{0,127}")
+DATA_MAX_BYTES = 16_384
+Text = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+
+def recipient_problem(channel: str, recipient: str) -> str | None:
+    """Why `recipient` cannot be sent to on `channel`, or None."""
+    if channel == "email":
+        if len(recipient) > 254 or not EMAIL_PATTERN.fullmatch(recipient):
+            return "not an email address like name@example.com"
+    elif channel == "sms":
+        if not PHONE_PATTERN.fullmatch(recipient):
+            return "not a phone number in E.164 form like +14155550123"
+    elif not (PUSH_USER_PATTERN.fullmatch(recipient) or PUSH_TOKEN_PATTERN.fullmatch(recipient)):
+        return "not a push token (8-256 of [A-Za-z0-9_:.-]) nor user:<id>"
+    return None
+
+
+def _text_problem(value: str, path: str) -> str | None:
+    if "\x00" in value:
+        return f"{path} contains a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{path} contains an unpaired surrogate"
+    return None
+
+
+def _json_problem(value: Any, path: str) -> str | None:
+    """Values Postgres' jsonb refuses: NUL characters, NaN and infinities."""
+    if isinstance(value, str):
+        return _text_problem(value, path)
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is not a finite number"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _json_problem(key, f"{path} key") or _json_problem(item, f"{path}.{key}")
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+    return None
+
+
+class SendNotification(Payload):
+    """`notifications.send`, contract section 4."""
+
+    channel: Literal["email", "sms", "push"]
+    recipient: Annotated[str, Field(max_length=256)]
+    template: str
+    data: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    dedupe_key: Text | None = None
+
+    @field_validator("recipient")
+    @classmethod
+    def _recipient(cls, value: str, info: ValidationInfo) -> str:
+        channel = info.data.get("channel")
+        if channel is not None and (problem := recipient_problem(channel, value)):
+            raise ValueError(f"{problem} for channel {channel}")
+        return value
+
+    @field_validator("dedupe_key")
+    @classmethod
+    def _dedupe_key(cls, value: str | None) -> str | None:
+        if value is not None and (problem := _text_problem(value, "dedupe_key")):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if not TEMPLATE_PATTERN.fullmatch(value):
+            raise ValueError("expected a template name of [a-z0-9_.-]")
+        try:
+            lookup(value)
+        except TemplateError as unknown:
+            raise ValueError(str(unknown)) from None
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        problem = _json_problem(value, "data")
+        if problem:
+            raise ValueError(problem)
+        if len(json.dumps(value)) > DATA_MAX_BYTES:
+            raise ValueError(f"larger than {DATA_MAX_BYTES} bytes as JSON")
+        template = info.data.get("template")
+        if template is not None:
+            missing = missing_fields(template, value)
+            if missing:
+                raise ValueError(f"template {template!r} needs {', '.join(missing)}")
+        return value
+
+
+class DeliverNotification(Payload):
+    notification_id: Id
 
 
 def describe(error: ValidationError) -> str:

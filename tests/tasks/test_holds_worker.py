@@ -131,7 +131,10 @@ def test_a_transient_error_is_retried_with_backoff_until_it_succeeds(
     locker.join()
     wait_until(lambda: hold_status(committed, hold) == "EXPIRED", timeout=30)
     assert "task.retry" in worker.output()
-    assert dead_letters(committed) == []
+    # (The hold's waitlist notification may be dead-lettered on its own: no push provider here.)
+    assert [
+        letter for letter in dead_letters(committed) if letter.task_name == "holds.expire"
+    ] == []
 
 
 def test_exhausted_retries_end_in_dead_letters_as_transient(

@@ -59,6 +59,7 @@ MACHINES: dict[str, dict[str, frozenset[str]]] = {
     "notifications": {
         "SENT": frozenset({"PENDING"}),
         "DEAD": frozenset({"PENDING"}),
+        "PENDING": frozenset({"DEAD"}),  # an operator's replay of a dead notification
     },
     "dead_letters": {
         # Added to the contract's machine: a replay that failed again is a new failure,

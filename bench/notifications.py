@@ -1,0 +1,295 @@
+"""Notification throughput: delivered notifications/s through a real worker, against a no-op
+Celery task through the same worker in the same run, on a real PostgreSQL and Redis.
+
+One worker is started as the Procfile's `worker` line starts it (prefork, concurrency = CPU
+count, prefetch 1, -O fair, queues critical,default,notifications) and runs three phases:
+
+1. no-op: N `celery.accumulate` tasks (Celery's own task that returns its arguments) sent to
+   the `notifications` queue; done when the worker has finished all N.
+2. notifications: N `notifications.send` tasks sent by name with a payload, as other services
+   send them (email, the `message` template, half with a dedupe key); each persists its row
+   and, after commit, sends its `notifications.deliver`, which claims the row, sends the email
+   over SMTP to a local server (aiosmtpd, in this process) and records SENT. Done when all N
+   rows are SENT.
+3. no-op again, to show the drift of the machine between the phases.
+
+Each phase is timed from its first message sent to its last one done; the messages are sent
+from this process in one loop at the start of the phase. Target: notifications/s >= 0.8 x the
+no-op's tasks/s (the mean of both no-op phases). The SMTP server must have received exactly N
+messages, one per notification.
+
+    .venv/bin/python -m tests.services -- .venv/bin/python bench/notifications.py [--quick] [--json]
+
+`--quick` shrinks N for a smoke run; `--json` also prints the results as one JSON object on the
+last line. A missed target prints FAIL but the exit code stays 0: this is a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from sqlalchemy import Engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
+
+from bench.common import machine  # noqa: E402
+from tests import processes  # noqa: E402
+from tests.processes import Proc  # noqa: E402
+from tests.smtp_sink import SmtpSink  # noqa: E402
+
+TARGET_RATIO = 0.8
+CPUS = os.cpu_count() or 1
+FULL, QUICK = 5_000, 500
+TIMEOUT = 600.0
+NOOP = "celery.accumulate"
+
+
+def scalar(engine: Engine, sql: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql)).scalar()
+
+
+def reset(engine: Engine, broker: redis.Redis) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "TRUNCATE notification_attempts, notifications, dead_letters, state_transitions "
+                "RESTART IDENTITY CASCADE"
+            )
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE notifications, state_transitions"))
+        conn.execute(text("CHECKPOINT"))
+    broker.flushdb()
+
+
+def start_worker(env: dict[str, str], logs: Path) -> Proc:
+    return processes.worker(
+        "bench-notify",
+        env,
+        logs / "worker.log",
+        "--prefetch-multiplier=1",
+        "-O",
+        "fair",
+        queues="critical,default,notifications",
+        concurrency=CPUS,
+    )
+
+
+def publish(messages: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
+    """Send every message over one producer connection."""
+    from workers.celery_app import app
+
+    with app.producer_or_acquire() as producer:
+        for name, kwargs, options in messages:
+            app.send_task(name, kwargs=kwargs, producer=producer, **options)
+
+
+def wait(done: Any, n: int, started: float) -> tuple[int, float]:
+    deadline = time.monotonic() + TIMEOUT
+    count = 0
+    while time.monotonic() < deadline:
+        count = done()
+        if count >= n:
+            break
+        time.sleep(0.05)
+    return count, time.perf_counter() - started
+
+
+def run_noop(worker: Proc, n: int) -> dict[str, Any]:
+    before = worker.output().count(f"Task {NOOP}[")
+    started = time.perf_counter()
+    publish([(NOOP, {}, {"queue": "notifications"}) for _ in range(n)])
+
+    def finished() -> int:
+        log = worker.output()
+        return log.count(f"Task {NOOP}[") - before
+
+    count, seconds = wait(finished, n, started)
+    return {"tasks": count, "seconds": round(seconds, 3), "per_s": round(count / seconds, 1)}
+
+
+def run_notifications(engine: Engine, sink: SmtpSink, n: int) -> dict[str, Any]:
+    received_before = len(sink.messages)
+    messages = []
+    for i in range(n):
+        kwargs: dict[str, Any] = {
+            "channel": "email",
+            "recipient": f"guest{i}@example.com",
+            "template": "message",
+            "data": {"subject": f"Booking {i}", "body": "Your court is booked for 18:00."},
+        }
+        if i % 2:
+            kwargs["dedupe_key"] = f"bench-{time.time_ns()}-{i}"
+        messages.append(("notifications.send", kwargs, {}))
+    started = time.perf_counter()
+    publish(messages)
+    count, seconds = wait(
+        lambda: int(scalar(engine, "SELECT count(*) FROM notifications WHERE status = 'SENT'")),
+        n,
+        started,
+    )
+    received = len(sink.messages) - received_before
+    attempts = int(scalar(engine, "SELECT count(*) FROM notification_attempts"))
+    return {
+        "notifications": count,
+        "seconds": round(seconds, 3),
+        "per_s": round(count / seconds, 1),
+        "emails_received": received,
+        "attempts": attempts,
+        "dead": int(scalar(engine, "SELECT count(*) FROM notifications WHERE status = 'DEAD'")),
+    }
+
+
+WRITE_SQL = """
+INSERT INTO notifications (channel, recipient, template, data)
+SELECT 'email', 'guest' || n || '@example.com', 'message',
+       jsonb_build_object('subject', 'Booking ' || n, 'body', 'Your court is booked for 18:00.')
+FROM generate_series(1, :n) AS n
+"""
+
+
+def drain(broker: redis.Redis) -> None:
+    """Wait until no message of the last phase is left (a pump the last sends asked for may
+    still be queued), and for running tasks to finish, so none of them takes this phase's
+    rows before the clock starts."""
+    deadline = time.monotonic() + 60
+    while broker.llen("notifications") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)
+
+
+def run_delivery(engine: Engine, broker: redis.Redis, sink: SmtpSink, n: int) -> dict[str, Any]:
+    """N notifications written in one statement, as another service (or a sweep of alerts)
+    writes them, then one `notifications.deliver_due` sent by name: delivery alone."""
+    drain(broker)
+    received_before = len(sink.messages)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE notification_attempts, notifications RESTART IDENTITY"))
+        conn.execute(text(WRITE_SQL), {"n": n})
+    started = time.perf_counter()
+    publish([("notifications.deliver_due", {}, {})])
+    count, seconds = wait(
+        lambda: int(scalar(engine, "SELECT count(*) FROM notifications WHERE status = 'SENT'")),
+        n,
+        started,
+    )
+    return {
+        "notifications": count,
+        "seconds": round(seconds, 3),
+        "per_s": round(count / seconds, 1),
+        "emails_received": len(sink.messages) - received_before,
+    }
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args()
+    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
+    if not url or not url.startswith("postgresql") or not broker_url:
+        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+        return 2
+    n = QUICK if args.quick else FULL
+
+    with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="backstop-bench-") as folder:
+        env = {
+            **os.environ,
+            **sink.env(),
+            "NOTIFY_EMAIL_FROM": "bookings@example.com",
+            "PYTHONUNBUFFERED": "1",
+        }
+        os.environ.update(env)  # this process sends with the same settings
+        from workers.db import get_engine
+        from workers.migrate import upgrade
+
+        upgrade(url)
+        engine = get_engine()
+        broker = redis.Redis.from_url(broker_url)
+        print(f"backstop notification bench ({'quick' if args.quick else 'full'})")
+        results: dict[str, Any] = {"mode": "quick" if args.quick else "full", "n": n}
+        results["machine"] = machine(engine, broker)
+        print(
+            f"\n{n:,} notifications (email over SMTP to aiosmtpd in this process) against "
+            f"{n:,} no-op tasks,\nthrough one worker: prefork -c {CPUS}, prefetch 1, -O fair"
+        )
+        reset(engine, broker)
+        worker = start_worker(env, Path(folder))
+        try:
+            print("  no-op ...", flush=True)
+            first = run_noop(worker, n)
+            print("  notifications ...", flush=True)
+            ours = run_notifications(engine, sink, n)
+            print("  delivery of notifications already written ...", flush=True)
+            delivery = run_delivery(engine, broker, sink, n)
+            print("  no-op again ...", flush=True)
+            second = run_noop(worker, n)
+        finally:
+            worker.stop()
+        broker.flushdb()
+
+    baseline = (first["per_s"] + second["per_s"]) / 2
+    ratio = round(ours["per_s"] / baseline, 2) if baseline else 0.0
+    delivery_ratio = round(delivery["per_s"] / baseline, 2) if baseline else 0.0
+    exact = (
+        ours["emails_received"] == n == ours["notifications"]
+        and ours["dead"] == 0
+        and delivery["emails_received"] == n == delivery["notifications"]
+    )
+    print(f"\n  {'phase':<34}{'items':>8}{'seconds':>10}{'per s':>10}")
+    for label, run, key in (
+        ("no-op task (celery.accumulate)", first, "tasks"),
+        ("notifications.send -> SENT", ours, "notifications"),
+        ("written rows -> SENT (delivery)", delivery, "notifications"),
+        ("no-op task, again", second, "tasks"),
+    ):
+        print(f"  {label:<34}{run[key]:>8,}{run['seconds']:>10.1f}{run['per_s']:>10,.1f}")
+    print(f"\n  per s / no-op tasks per s (mean of both no-op phases, {baseline:,.1f}):")
+    print(
+        f"    end to end, notifications.send -> SENT: {ratio:.2f}   "
+        f">= {TARGET_RATIO}: {verdict(ratio >= TARGET_RATIO)}"
+    )
+    print(
+        f"    delivery alone, written rows -> SENT:   {delivery_ratio:.2f}   "
+        f">= {TARGET_RATIO}: {verdict(delivery_ratio >= TARGET_RATIO)}"
+    )
+    print(
+        f"  emails received {ours['emails_received']:,} + {delivery['emails_received']:,} for "
+        f"{n:,} + {n:,} notifications, {ours['dead']} dead: {verdict(exact)}"
+    )
+    if args.quick:
+        print("  (quick: sizes shrunk for a smoke run; the target is set for the full run)")
+    results.update(
+        noop=first,
+        noop_again=second,
+        notifications=ours,
+        delivery=delivery,
+        summary={
+            "ratio_end_to_end": ratio,
+            "ratio_delivery": delivery_ratio,
+            "end_to_end_pass": ratio >= TARGET_RATIO,
+            "delivery_pass": delivery_ratio >= TARGET_RATIO,
+            "exactly_once": exact,
+        },
+    )
+    if args.json:
+        print(json.dumps(results, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

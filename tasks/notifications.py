@@ -1,0 +1,83 @@
+"""Notification tasks: `notifications.send` (other services enqueue it), the delivery pump it
+asks for after commit, single deliveries (retries, replays), and the outbox sweep that re-sends
+deliveries the broker lost."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from config import get_settings
+from workers.base import TaskContext, task, utcnow
+from workers.jobs import record_heartbeat
+from workers.notify.channels import get_channels
+from workers.notify.delivery import (
+    DELIVER_TASK,
+    PUMP_TASK,
+    deliver_due,
+    deliver_notification,
+    kick,
+    policy_from,
+    pump_started,
+    send_notification,
+    sweep_outbox,
+)
+from workers.payloads import DeliverNotification, SendNotification
+
+SWEEP_JOB = "notifications.sweep_outbox"
+
+
+@task("notifications.send", payload=SendNotification)
+def send(ctx: TaskContext, payload: SendNotification) -> int:
+    return send_notification(ctx.session, payload, ctx.now)
+
+
+@task(DELIVER_TASK, payload=DeliverNotification)
+def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
+    outcome = deliver_notification(
+        ctx.session,
+        payload.notification_id,
+        utcnow,
+        get_channels(),
+        policy_from(get_settings()),
+        task_id=ctx.task_id,
+    )
+    return outcome.result
+
+
+@task(PUMP_TASK)
+def pump(ctx: TaskContext) -> dict[str, int]:
+    """Every due notification, in batches; sent after each commit that writes notifications."""
+    pump_started()
+    result = deliver_due(
+        ctx.session,
+        utcnow,
+        get_channels(),
+        policy_from(get_settings()),
+        task_id=ctx.task_id,
+        helper=kick,
+    )
+    if result.more:  # out of time with more due: hand over, so other tasks get a turn
+        ctx.enqueue(PUMP_TASK, {})
+    return result.as_dict()
+
+
+@task(SWEEP_JOB)
+def sweep(ctx: TaskContext) -> dict[str, int]:
+    settings = get_settings()
+    result = sweep_outbox(
+        ctx.session,
+        utcnow,
+        after=timedelta(seconds=settings.NOTIFY_OUTBOX_AFTER_SECONDS),
+        time_budget=max(settings.NOTIFY_OUTBOX_SWEEP_SECONDS / 2, 5),
+    )
+    counts = {"enqueued": result.enqueued, "batches": result.batches}
+    record_heartbeat(
+        ctx.session,
+        SWEEP_JOB,
+        started_at=ctx.now,
+        finished_at=utcnow(),
+        outcome="OK",
+        counts=counts,
+        task_id=ctx.task_id,
+    )
+    return counts
