@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     STRIPE_API_BASE: str | None = None
 
     SENTRY_DSN: SecretStr | None = None
+    SENTRY_ENVIRONMENT: str | None = None
+    # Share of task runs traced as Sentry transactions; 0 sends errors and cron check-ins only.
+    SENTRY_TRACES_SAMPLE_RATE: Annotated[float, Field(ge=0, le=1)] = 0.0
     FLOWER_BASIC_AUTH: Annotated[SecretStr | None, Field(default=None)] = None
 
     HOLD_SWEEP_SECONDS: PositiveInt = 5
