@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     STRIPE_API_BASE: str | None = None
 
     SENTRY_DSN: SecretStr | None = None
+    SENTRY_ENVIRONMENT: str | None = None
+    # Share of task runs traced as Sentry transactions; 0 sends errors and cron check-ins only.
+    SENTRY_TRACES_SAMPLE_RATE: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # Where worker processes keep their Prometheus metrics (one subdirectory per worker node),
+    # for `backstop metrics` to read.
+    PROMETHEUS_MULTIPROC_DIR: Path = VAR_DIR / "metrics"
     FLOWER_BASIC_AUTH: Annotated[SecretStr | None, Field(default=None)] = None
 
     HOLD_SWEEP_SECONDS: PositiveInt = 5

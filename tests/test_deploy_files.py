@@ -77,3 +77,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
     assert "make run" in (ROOT / "README.md").read_text()
+
+
+def test_the_metrics_exporter_reads_the_workers_volume_and_is_never_published() -> None:
+    assert "metrics" in procfile()
+    services = compose()["services"]
+    assert "ports" not in services["metrics"]
+    assert services["metrics"]["volumes"] == services["worker"]["volumes"]

@@ -9,7 +9,7 @@ from celery import Celery, signals
 from config import get_settings
 from config.celery import celery_config
 from config.schedule import beat_schedule
-from workers import logs
+from workers import logs, metrics, sentry
 from workers.db import dispose_engine
 
 TASK_MODULES = ["tasks.holds", "tasks.refunds", "tasks.ops", "tasks.dlq", "tasks.notifications"]
@@ -19,6 +19,8 @@ app = Celery("backstop", include=TASK_MODULES)
 app.conf.update(celery_config(settings))
 app.conf.beat_schedule = beat_schedule(settings)
 app.set_default()
+sentry.install(app)
+metrics.install()
 
 
 @signals.setup_logging.connect

@@ -209,8 +209,10 @@ def tasks_schema(check: bool) -> None:
 
 def _add_commands() -> None:
     from workers.dlq_cli import dlq
+    from workers.metrics_cli import metrics
 
     main.add_command(dlq)
+    main.add_command(metrics)
 
 
 _add_commands()
