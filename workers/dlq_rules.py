@@ -106,6 +106,13 @@ RULES: tuple[Rule, ...] = (
         message=r"unregistered",
     ),
     Rule(
+        "no-push-device",
+        "discard",
+        "the user has no registered push device: there is nowhere to deliver it",
+        task="notifications.*",
+        error_type="NoPushToken",
+    ),
+    Rule(
         "transient",
         "replay",
         "a transient failure: replayed automatically while young and within its budget",
