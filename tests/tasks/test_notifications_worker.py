@@ -15,7 +15,6 @@ from tests.conftest import wait_until
 from tests.processes import Proc
 from workers.celery_app import app
 from workers.db import session_scope
-from workers.dlq import PRECHECKS
 from workers.models import DeadLetter, JobRun, Notification
 from workers.notify.delivery import DELIVER_TASK, send_notification
 from workers.payloads import SendNotification
@@ -96,17 +95,41 @@ def test_a_provider_down_for_every_attempt_ends_dead_and_a_replay_delivers_it_on
     assert sandbox.stats()["requests"] == {"push": 3}
     assert worker.output().count("notification.retry") == 2
 
-    # The provider recovers; the dead letter's replay (its precheck, then its task by name)
-    # delivers the notification exactly once.
+    # The provider recovers; the operator's `backstop dlq replay` (its precheck revives the
+    # DEAD notification, then its task is sent by name) delivers it exactly once.
     sandbox.clear_faults()
-    with session_scope() as session:
-        assert PRECHECKS[DELIVER_TASK](session, letter.payload, "ops:alice") is None
-    app.send_task(letter.task_name, kwargs=letter.payload)
+    replayed = backstop_cli("dlq", "replay", str(letter.id), "--reason", "provider is back")
+    assert replayed.returncode == 0 and f"{letter.id}  replayed" in replayed.stdout, replayed
     wait_until(lambda: list(statuses().values()) == ["SENT"], timeout=30)
-    app.send_task(letter.task_name, kwargs=letter.payload)  # replayed twice by mistake
+    wait_until(lambda: dead_letter_status(letter.id) == "REPLAYED", timeout=30)
+    again = backstop_cli("dlq", "replay", str(letter.id), "--json")
+    assert '"outcome": "skipped"' in again.stdout  # closed: nothing is sent again
+    app.send_task(letter.task_name, kwargs=letter.payload)  # sent twice by mistake
     wait_until(lambda: "'already_sent'" in worker.output())
     assert len(sandbox.messages("push")) == 1
     assert sandbox.stats()["requests"] == {"push": 4}
+
+
+def backstop_cli(*args: str) -> Any:
+    import subprocess
+    import sys
+
+    from tests.conftest import service_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=service_env(BACKSTOP_ACTOR="ops:alice"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def dead_letter_status(letter_id: int) -> str:
+    from workers.models import DeadLetter
+
+    with session_scope() as session:
+        return session.get(DeadLetter, letter_id).status
 
 
 def test_the_outbox_sweep_delivers_what_the_broker_lost(
