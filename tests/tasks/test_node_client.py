@@ -71,3 +71,45 @@ def test_holds_expire_from_node_is_done_and_a_malformed_one_is_dead_lettered(
     )
     assert letter.error_message.startswith("invalid payload: hold_id: Input should be a valid")
     assert letter.payload == {"hold_id": str(hold)}
+
+
+def test_notifications_send_from_node_is_persisted_once(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    from workers.models import Notification
+
+    start_worker()
+    payload = {
+        "channel": "email",
+        "recipient": "guest@example.com",
+        "template": "booking_confirmed",
+        "data": {"resource_id": "court-1", "start_time": "2026-12-01 10:00"},
+        "dedupe_key": "node-booking-9",
+    }
+    enqueue("notifications.send", "notifications", payload)
+    enqueue("notifications.send", "notifications", payload)  # a retry on the sender's side
+
+    def rows() -> list[tuple[str, str, str]]:
+        with session_scope() as session:
+            return list(
+                session.execute(
+                    select(Notification.channel, Notification.recipient, Notification.dedupe_key)
+                ).all()
+            )
+
+    wait_until(rows)
+    wait_until(
+        lambda: "node-booking-9" in str(rows()) and len(letters_of("notifications.send")) == 0
+    )
+    assert rows() == [("email", "guest@example.com", "node-booking-9")]
+    bad = dict(payload, channel="pigeon", dedupe_key="node-bad")
+    enqueue("notifications.send", "notifications", bad)
+    [letter] = wait_until(lambda: letters_of("notifications.send"))  # type: ignore[misc]
+    assert letter.error_type == "PayloadError" and "channel" in letter.error_message
+
+
+def letters_of(task: str) -> list[DeadLetter]:
+    with session_scope() as session:
+        found = list(session.scalars(select(DeadLetter).where(DeadLetter.task_name == task)))
+        session.expunge_all()
+        return found
