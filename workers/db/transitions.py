@@ -33,6 +33,7 @@ from workers.models import (
     DeadLetter,
     Notification,
     Payment,
+    ReconciliationRun,
     Refund,
     StateTransition,
     UTCDateTime,
@@ -66,13 +67,19 @@ MACHINES: dict[str, dict[str, frozenset[str]]] = {
         "MANUAL_REVIEW": frozenset({"NEW", "RETRYING"}),
         "DISCARDED": frozenset({"NEW", "RETRYING", "MANUAL_REVIEW"}),
     },
+    "reconciliation_runs": {
+        "RUNNING": frozenset({"PENDING", "FAILED"}),
+        "COMPLETED": frozenset({"RUNNING"}),
+        "FAILED": frozenset({"PENDING", "RUNNING"}),
+    },
 }
 
 # A row whose status changes between our read and our write is read again; this many times.
 MAX_CAS_ROUNDS = 10
 
 MODELS: dict[str, type[Base]] = {
-    model.__tablename__: model for model in (BookingHold, Payment, Refund, Notification, DeadLetter)
+    model.__tablename__: model
+    for model in (BookingHold, Payment, Refund, Notification, DeadLetter, ReconciliationRun)
 }
 
 
