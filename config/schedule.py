@@ -25,6 +25,16 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
             "schedule": parse_cron(settings.REFUND_RETRY_CRON),
             "options": {"queue": "critical"},
         },
+        "reconcile-nightly": {
+            "task": "reconciliation.nightly",
+            "schedule": parse_cron(settings.RECONCILE_CRON),
+            "options": {"queue": "batch"},
+        },
+        "check-in-flight-payments": {
+            "task": "payments.check_in_flight",
+            "schedule": timedelta(seconds=settings.PAYMENT_JANITOR_SECONDS),
+            "options": {"queue": "default", "expires": settings.PAYMENT_JANITOR_SECONDS},
+        },
         "check-schedules": {
             "task": "ops.check_schedules",
             "schedule": CHECK_SCHEDULES_EVERY,
@@ -70,4 +80,9 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         "holds.sweep_expired": sweep * 6 + timedelta(seconds=30),
         "refunds.retry_stuck": longest_gap(parse_cron(settings.REFUND_RETRY_CRON))
         + timedelta(minutes=10),
+        # The nightly job only opens and sends the runs: an hour is plenty.
+        "reconciliation.nightly": longest_gap(parse_cron(settings.RECONCILE_CRON))
+        + timedelta(hours=1),
+        "payments.check_in_flight": timedelta(seconds=settings.PAYMENT_JANITOR_SECONDS * 3)
+        + timedelta(minutes=1),
     }

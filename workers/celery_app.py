@@ -12,7 +12,14 @@ from config.schedule import beat_schedule
 from workers import logs
 from workers.db import dispose_engine
 
-TASK_MODULES = ["tasks.holds", "tasks.refunds", "tasks.ops"]
+TASK_MODULES = [
+    "tasks.holds",
+    "tasks.refunds",
+    "tasks.ops",
+    "tasks.reconciliation",
+    "tasks.payments",
+    "tasks.webhooks",
+]
 
 settings = get_settings()
 app = Celery("backstop", include=TASK_MODULES)

@@ -241,12 +241,16 @@ class BatchTransition:
         )
         return insert(audit).from_select(AUDIT_COLUMNS, rows).returning(audit.c.entity_id)
 
-    def __call__(self, session: Session, now: datetime) -> list[int]:
-        """Run one batch in the session's transaction; returns the ids that changed."""
+    def __call__(
+        self, session: Session, now: datetime, params: Mapping[str, Any] | None = None
+    ) -> list[int]:
+        """Run one batch in the session's transaction; returns the ids that changed. `params`
+        binds the claim's own parameters (the ids to move, say)."""
+        bound = {**(params or {}), "now": now}
         if is_postgres(session):
-            return list(session.execute(self._postgres, {"now": now}).scalars())
+            return list(session.execute(self._postgres, bound).scalars())
         # SQLite: the transaction already holds the write lock, so three statements are as safe.
-        ids = list(session.execute(self.claimed, {"now": now}).scalars())
+        ids = list(session.execute(self.claimed, bound).scalars())
         if not ids:
             return []
         changed = list(session.execute(self._sqlite_update, {"ids": ids, "now": now}).scalars())

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 import razorpay
 import razorpay.errors
 import requests
-import requests.adapters
 
 from workers.gateways.base import (
     GatewayNotFound,
@@ -30,8 +29,10 @@ from workers.gateways.base import (
     payment_status,
     refund_status,
 )
+from workers.gateways.http import http_session
 
 T = TypeVar("T")
+API = "https://api.razorpay.com"
 PAGE = 100  # Razorpay's largest `count`
 SDK_VERSION = importlib.metadata.version("razorpay")
 
@@ -60,12 +61,7 @@ class RazorpayGateway:
         connections: int = 10,
     ):
         self._status = threading.local()
-        session = requests.Session()
-        # One session is shared by the threads that call the gateway at once: keep a
-        # connection for each of them (requests keeps 10 per host by default).
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
+        session = http_session(base_url or API, connections)
         session.hooks["response"].append(self._remember_status)
         options = {"base_url": base_url.rstrip("/")} if base_url else {}
         self._client = _Client(session=session, auth=(key_id, key_secret), **options)

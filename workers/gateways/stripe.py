@@ -27,8 +27,10 @@ from workers.gateways.base import (
     payment_status,
     refund_status,
 )
+from workers.gateways.http import http_session
 
 T = TypeVar("T")
+API = "https://api.stripe.com"
 PAGE = 100  # Stripe's largest `limit`
 
 
@@ -36,11 +38,17 @@ class StripeGateway:
     name = "stripe"
     key_ttl: timedelta | None = timedelta(hours=24)  # Stripe prunes keys after 24 hours
 
-    def __init__(self, api_key: str, api_base: str | None, timeout: float) -> None:
+    def __init__(
+        self, api_key: str, api_base: str | None, timeout: float, connections: int = 10
+    ) -> None:
+        session = http_session(api_base or API, connections)
+        proxies = {k: v for k, v in session.proxies.items() if k in ("http", "https")}
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base.rstrip("/")} if api_base else {},
-            http_client=stripe.RequestsClient(timeout=timeout),
+            http_client=stripe.RequestsClient(
+                timeout=timeout, session=session, proxy=proxies or None
+            ),
             max_network_retries=0,
         )
         self._v1 = self._client.v1
