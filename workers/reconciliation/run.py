@@ -282,7 +282,7 @@ def check_chunk(
     findings = compare(
         session, state, [a for a in answers.values() if isinstance(a, GatewayPayment)], seen
     )
-    findings.counts["checked_at_gateway"] += len(rows)
+    findings.counts["unlisted"] += len(rows)
     for row in rows:
         if isinstance(answers.get(row.gateway_payment_id or ""), GatewayPayment):
             continue
