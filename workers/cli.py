@@ -134,14 +134,27 @@ def demo_seed(as_json: bool) -> None:
     from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
     from workers.base import utcnow
     from workers.db import session_scope
-    from workers.demo import seed, seed_refunds
+    from workers.demo import seed, seed_reconciliation, seed_refunds
 
     with session_scope() as session:
         ids = seed(session, utcnow())
         refunds = seed_refunds(session, utcnow())
+        payments = seed_reconciliation(session, utcnow())
     if as_json:
-        click.echo(json.dumps({"seeded_holds": ids, "seeded_refunds": refunds}))
+        click.echo(
+            json.dumps(
+                {"seeded_holds": ids, "seeded_refunds": refunds, "seeded_payments": payments}
+            )
+        )
         return
+    if payments:
+        click.echo(
+            "demo: seeded yesterday's payments; the nightly reconciliation runs in a few "
+            "seconds on the batch worker: 2 fixed, 4 discrepancies for review "
+            "(then: backstop reconcile --show RUN); the in-flight janitor completes one "
+            "stuck payment",
+            err=True,
+        )
     if refunds:
         click.echo(
             f"demo: seeded {len(refunds)} refunds (Razorpay and Stripe, on the local "
