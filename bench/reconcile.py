@@ -121,12 +121,12 @@ SELECT :gateway, :prefix || lpad(n::text, :width, '0'),
        CASE WHEN n % 2000 = 3 THEN 9999 ELSE 10000 END,
        :currency,
        CASE WHEN n % 1000 = 1 THEN 'PENDING' ELSE 'COMPLETED' END,
-       to_timestamp(:start + (n - 1) * 86400 / :size), now()
+       to_timestamp(:start + (n - 1)::bigint * 86400 / :size), now()
 FROM generate_series(1, :size) AS n
 WHERE n % 2000 <> 4
 UNION ALL
 SELECT :gateway, :prefix || 'ghost' || lpad(g::text, :width - 5, '0'), 10000, :currency,
-       'COMPLETED', to_timestamp(:start + g * 86400 / (:size / 10000 + 1)), now()
+       'COMPLETED', to_timestamp(:start + g::bigint * 86400 / (:size / 10000 + 1)), now()
 FROM generate_series(1, :size / 10000) AS g
 """
 
@@ -172,7 +172,8 @@ def postgres_cpu() -> float:
             continue
         if raw[raw.index("(") + 1 : raw.rindex(")")].startswith("postgres"):
             fields = raw[raw.rindex(")") + 2 :].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            # utime, stime, and (the postmaster's) cutime, cstime: its backends that ended.
+            total += sum(int(value) for value in fields[11:15]) / CLK_TCK
     return total
 
 
@@ -180,6 +181,15 @@ def simulator_cpu() -> float:
     """This process's CPU less its main thread's: the simulator's request threads."""
     times = os.times()
     return times.user + times.system - time.thread_time()
+
+
+# The reconciling process reports its own peak RSS as it exits. wait4's ru_maxrss would not
+# do: exec records the RSS of the process it replaces, here a fork of this one, which holds
+# the simulator's million payments.
+PEAK = (
+    "import atexit, sys; atexit.register(lambda: print('peak_rss_kb', *[line.split()[1] "
+    "for line in open('/proc/self/status') if line.startswith('VmHWM')], file=sys.stderr))"
+)
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
@@ -197,14 +207,18 @@ def spawn(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - started
+        errors.seek(0)
+        stderr = errors.read()
         if proc.returncode != 0:
-            errors.seek(0)
-            raise SystemExit(f"bench: {' '.join(argv[2:6])} failed:\n{errors.read()[-3000:]}")
+            raise SystemExit(f"bench: {' '.join(argv[2:6])} failed:\n{stderr[-3000:]}")
+    peak = [line.split()[1] for line in stderr.splitlines() if line.startswith("peak_rss_kb")]
+    if not peak:
+        raise SystemExit(f"bench: no peak RSS reported:\n{stderr[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     result["process"] = {
         "wall_s": round(wall, 2),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(int(peak[-1]) / 1024, 1),
     }
     result["others_cpu_s"] = {
         "simulator": round(simulator_cpu() - sim0, 2),
@@ -236,8 +250,8 @@ def run_ours(engine: Engine, server: Any, gateway: str, size: int) -> dict[str, 
     result = spawn(
         [
             sys.executable,
-            "-m",
-            "workers.cli",
+            "-c",
+            f"{PEAK}; from workers.cli import main; sys.exit(main())",
             "reconcile",
             "--gateway",
             gateway,
@@ -270,7 +284,14 @@ def run_baseline(engine: Engine, server: Any, gateway: str, size: int) -> dict[s
     load_simulator(server.state, gateway, size)
     load_database(engine, gateway, size)
     result = spawn(
-        [sys.executable, str(Path(__file__).resolve()), "--baseline-child", gateway],
+        [
+            sys.executable,
+            "-c",
+            f"{PEAK}; sys.argv[0] = {str(Path(__file__).resolve())!r}; "
+            "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')",
+            "--baseline-child",
+            gateway,
+        ],
         child_env(server),
     )
     return {

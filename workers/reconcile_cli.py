@@ -28,6 +28,7 @@ from workers.reconciliation import (
     RunState,
     configured_gateways,
     day_window,
+    discrepancies,
     new_owner,
     open_runs,
     reconcile_run,
@@ -122,8 +123,8 @@ def run(gateways: tuple[str, ...], first_text: str, last_text: str, as_json: boo
                 error = one_line(exc)
             finally:
                 session.close()
-            with session_scope() as session:
-                report = run_report(session, run_id) or {"run_id": run_id}
+            with session_scope() as session:  # the first hundred findings; --show has all
+                report = run_report(session, run_id, limit=100) or {"run_id": run_id}
             done += int(report.get("counts", {}).get("pages", 0))
             results.append({**report, "outcome": outcome, "problem": error})
     if as_json:
@@ -180,13 +181,23 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 
 def show(run_id: int, as_json: bool) -> None:
+    """Every discrepancy of the run, written as they are read."""
     with session_scope() as session:
-        report = run_report(session, run_id)
-    if report is None:
-        raise click.ClickException(f"no reconciliation run {run_id}")
-    if as_json:
-        click.echo(json.dumps(report, default=str))
-        return
+        report = run_report(session, run_id, limit=0)
+        if report is None:
+            raise click.ClickException(f"no reconciliation run {run_id}")
+        found = discrepancies(session, run_id)
+        if as_json:
+            head = json.dumps({**report, "discrepancies": []}, default=str)
+            click.echo(head[: -len("[]}")] + "[", nl=False)
+            for index, row in enumerate(found):
+                click.echo(("," if index else "") + json.dumps(row, default=str), nl=False)
+            click.echo("]}")
+            return
+        print_run(report, found)
+
+
+def print_run(report: dict[str, Any], found: Any) -> None:
     counts = report["counts"]
     click.echo(
         f"run {report['run_id']}: {report['gateway']} {report['window_start']} .. "
@@ -197,7 +208,7 @@ def show(run_id: int, as_json: bool) -> None:
         f"{counts.get('flagged', 0)} need review"
         + (f"; error: {report['error']}" if report["error"] else "")
     )
-    for row in report["discrepancies"]:
+    for row in found:
         details = " ".join(f"{key}={value}" for key, value in sorted(row["details"].items()))
         click.echo(
             f"  {row['type']:<19} {'fixed' if row['fixed'] else 'REVIEW':<6} "

@@ -226,26 +226,30 @@ def check_unlisted(
             return
     while True:
         after_at, after_id = state.progress["after"]
-        rows = session.execute(
-            select(
-                PAYMENTS.c.id,
-                PAYMENTS.c.gateway_payment_id,
-                PAYMENTS.c.status,
-                PAYMENTS.c.amount,
-                PAYMENTS.c.currency,
-                PAYMENTS.c.created_at,
+        rows = (
+            session.connection()
+            .execute(
+                select(
+                    PAYMENTS.c.id,
+                    PAYMENTS.c.gateway_payment_id,
+                    PAYMENTS.c.status,
+                    PAYMENTS.c.amount,
+                    PAYMENTS.c.currency,
+                    PAYMENTS.c.created_at,
+                )
+                .where(
+                    in_window,
+                    tuple_(PAYMENTS.c.created_at, PAYMENTS.c.id)
+                    > tuple_(
+                        literal(datetime.fromisoformat(after_at), UTCDateTime()),
+                        literal(after_id, BigInteger()),
+                    ),
+                )
+                .order_by(PAYMENTS.c.created_at, PAYMENTS.c.id)
+                .limit(SCAN_ROWS)
             )
-            .where(
-                in_window,
-                tuple_(PAYMENTS.c.created_at, PAYMENTS.c.id)
-                > tuple_(
-                    literal(datetime.fromisoformat(after_at), UTCDateTime()),
-                    literal(after_id, BigInteger()),
-                ),
-            )
-            .order_by(PAYMENTS.c.created_at, PAYMENTS.c.id)
-            .limit(SCAN_ROWS)
-        ).all()
+            .all()
+        )
         session.commit()  # nothing stays open while the gateway answers
         if not rows:
             return
@@ -398,18 +402,11 @@ def fail(
     )
 
 
-def run_report(session: Session, run_id: int) -> dict[str, Any] | None:
-    """A run and its discrepancies, as `backstop reconcile --show` prints them."""
-    from workers.models import ReconciliationDiscrepancy
-
+def run_report(session: Session, run_id: int, *, limit: int | None = 100) -> dict[str, Any] | None:
+    """A run, and its first `limit` discrepancies (all of them: `discrepancies(...)`)."""
     run = session.get(ReconciliationRun, run_id)
     if run is None:
         return None
-    rows = session.execute(
-        select(ReconciliationDiscrepancy)
-        .where(ReconciliationDiscrepancy.run_id == run_id)
-        .order_by(ReconciliationDiscrepancy.id)
-    ).scalars()
     return {
         "run_id": run.id,
         "gateway": run.gateway,
@@ -422,15 +419,39 @@ def run_report(session: Session, run_id: int) -> dict[str, Any] | None:
         "attempts": run.attempts,
         "error": run.error,
         "counts": dict(run.counts or {}),
-        "discrepancies": [
-            {
-                "id": row.id,
-                "type": row.type,
-                "payment_id": row.payment_id,
-                "gateway_payment_id": row.gateway_payment_id,
-                "fixed": row.fixed,
-                "details": row.details,
-            }
-            for row in rows
-        ],
+        "discrepancies": list(discrepancies(session, run_id, limit=limit)),
     }
+
+
+def discrepancies(
+    session: Session, run_id: int, *, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """A run's discrepancies in the order they were found, read a thousand at a time: a run
+    that found a million (the wrong account configured, say) must not need a million in
+    memory to be shown."""
+    from workers.models import ReconciliationDiscrepancy as Found
+
+    query = (
+        select(
+            Found.id,
+            Found.type,
+            Found.payment_id,
+            Found.gateway_payment_id,
+            Found.fixed,
+            Found.details,
+        )
+        .where(Found.run_id == run_id)
+        .order_by(Found.id)
+        .execution_options(yield_per=1000)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    for row in session.execute(query):
+        yield {
+            "id": row.id,
+            "type": row.type,
+            "payment_id": row.payment_id,
+            "gateway_payment_id": row.gateway_payment_id,
+            "fixed": row.fixed,
+            "details": row.details,
+        }
