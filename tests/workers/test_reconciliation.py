@@ -228,6 +228,8 @@ def test_every_discrepancy_the_safe_fix_and_never_backwards(
     assert counts["payments"] == 6 and counts["fixed"] == 2 and counts["flagged"] == 6
     # Three the listing never showed; two asked about (one without a gateway id cannot be).
     assert counts["unlisted"] == 3
+    # Only their minutes of the day were read again: 07:00, 08:00 and 23:59.
+    assert run_row(run_id).progress["ranges"] == [[420, 421], [480, 481], [1439, 1440]]
     fetch = "razorpay.payment.fetch" if name == "razorpay" else "stripe.payment_intent.fetch"
     assert sim.stats()["requests"][fetch] == 2
     with session_scope() as session:

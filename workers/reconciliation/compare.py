@@ -17,7 +17,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BigInteger, String, any_, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Integer,
+    String,
+    any_,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -100,6 +114,7 @@ class Findings:
     links: list[dict[str, Any]] = field(default_factory=list)
     compared: list[int] = field(default_factory=list)  # payment ids compared for the first time
     counts: Counter[str] = field(default_factory=Counter)
+    minutes: Counter[int] = field(default_factory=Counter)  # compared, by minute of the window
 
     def add(
         self,
@@ -133,9 +148,8 @@ def _matches(postgres: bool, by_order: bool) -> Any:
         ids = PAYMENTS.c.gateway_payment_id.in_(bindparam("ids", expanding=True))
         orders = PAYMENTS.c.gateway_order_id.in_(bindparam("orders", expanding=True))
     created = PAYMENTS.c.created_at
-    in_window = (created >= bindparam("start", type_=UTCDateTime())) & (
-        created < bindparam("end", type_=UTCDateTime())
-    )
+    start = bindparam("start", type_=UTCDateTime())
+    in_window = (created >= start) & (created < bindparam("end", type_=UTCDateTime()))
     return select(
         PAYMENTS.c.id,
         PAYMENTS.c.gateway_payment_id,
@@ -143,8 +157,18 @@ def _matches(postgres: bool, by_order: bool) -> Any:
         PAYMENTS.c.status,
         PAYMENTS.c.amount,
         PAYMENTS.c.currency,
-        in_window.label("in_window"),
+        case((in_window, minute_of(created, start, postgres))).label("minute"),
     ).where(PAYMENTS.c.gateway == bindparam("gateway"), or_(ids, orders) if by_order else ids)
+
+
+def minute_of(column: Any, start: Any, postgres: bool) -> Any:
+    """The minute of the window a timestamp falls in, counted from the window's start, in
+    whole seconds on both databases, so that it is the same as [start + 60 m, start + 60 m +
+    60) when the check phase reads one minute."""
+    if postgres:
+        return cast(func.floor(func.extract("epoch", column - start) / 60), Integer)
+    seconds = cast(func.strftime("%s", column), Integer) - cast(func.strftime("%s", start), Integer)
+    return cast(seconds // 60, Integer)
 
 
 def compare(
@@ -202,8 +226,8 @@ def compare(
             continue
         seen.add(row.id)
         findings.counts["matched"] += 1
-        # The check phase is skipped when this count covers the window's payments.
-        findings.counts["matched_in_window"] += bool(row.in_window)
+        if row.minute is not None:  # in the window: the check phase counts against these
+            findings.minutes[int(row.minute)] += 1
         findings.compared.append(row.id)
         if row.gateway_payment_id is None:
             findings.links.append({"b_id": row.id, "b_gateway_payment_id": payment.id})
@@ -314,6 +338,11 @@ def apply(
     compared, and the discrepancies this run has not recorded yet. Returns the counts to add
     to the run's."""
     written = Counter(findings.counts)
+    if findings.minutes:
+        matched = state.minutes()
+        for minute, count in findings.minutes.items():
+            if 0 <= minute < len(matched):
+                matched[minute] += count
     if findings.links:
         session.execute(LINK, findings.links)
         written["linked"] += len(findings.links)

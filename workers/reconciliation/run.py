@@ -23,7 +23,7 @@ from sqlalchemy import BigInteger, Engine, delete, func, literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from workers.alerts import raise_alert
-from workers.db import transition
+from workers.db import is_postgres, transition
 from workers.errors import PermanentError, one_line
 from workers.gateways.base import (
     Gateway,
@@ -42,6 +42,7 @@ from workers.reconciliation.compare import (
     apply,
     compare,
     load_seen,
+    minute_of,
 )
 from workers.reconciliation.listing import Lister
 from workers.reconciliation.runs import (
@@ -211,19 +212,68 @@ def check_unlisted(
     asked about: it is missing at the gateway as it stands. A PENDING or FAILED one without a
     gateway id is an order nobody paid: nothing to reconcile.
 
-    When every such payment of the window was compared during the listing (the usual case),
-    a count says so and the window is not read again."""
+    Only the minutes of the window where the database has more such payments than the listing
+    compared are read: one grouped count finds them, usually none."""
+    created = PAYMENTS.c.created_at
     in_window = (
         (PAYMENTS.c.gateway == state.gateway)
-        & (PAYMENTS.c.created_at >= state.window_start)
-        & (PAYMENTS.c.created_at < state.window_end)
+        & (created >= state.window_start)
+        & (created < state.window_end)
     )
-    askable = PAYMENTS.c.gateway_payment_id.isnot(None) | PAYMENTS.c.status.in_(MONEY_MOVED)
-    if state.progress["after"][1] == 0:
-        total = session.execute(select(func.count()).where(in_window, askable)).scalar_one()
+    if "ranges" not in state.progress:
+        state.progress["ranges"] = unmatched_minutes(session, state, in_window)
+        save_progress(session, state, options.owner, clock(), options.lease)
         session.commit()
-        if total == state.counts["matched_in_window"]:
-            return
+    for first, last in state.progress["ranges"]:
+        low = state.window_start + timedelta(minutes=first)
+        high = min(state.window_start + timedelta(minutes=last), state.window_end)
+        scan(
+            session,
+            state,
+            gateway,
+            seen,
+            clock,
+            options,
+            progress,
+            in_window & (created >= low) & (created < high),
+        )
+
+
+def unmatched_minutes(session: Session, state: RunState, in_window: Any) -> list[list[int]]:
+    """The minutes of the window whose askable payments were not all compared while listing,
+    merged into ranges [first, last + 1)."""
+    askable = PAYMENTS.c.gateway_payment_id.isnot(None) | PAYMENTS.c.status.in_(MONEY_MOVED)
+    minute = minute_of(
+        PAYMENTS.c.created_at, literal(state.window_start, UTCDateTime()), is_postgres(session)
+    )
+    counted = session.execute(
+        select(minute, func.count()).where(in_window, askable).group_by(minute)
+    ).all()
+    matched = state.minutes()
+    unmatched = sorted(
+        int(m) for m, count in counted if not 0 <= m < len(matched) or count != matched[int(m)]
+    )
+    ranges: list[list[int]] = []
+    for m in unmatched:
+        if ranges and ranges[-1][1] == m:
+            ranges[-1][1] = m + 1
+        else:
+            ranges.append([m, m + 1])
+    return ranges
+
+
+def scan(
+    session: Session,
+    state: RunState,
+    gateway: Gateway,
+    seen: IdSet,
+    clock: Callable[[], datetime],
+    options: RunOptions,
+    progress: Progress | None,
+    where: Any,
+) -> None:
+    """Read the payments `where` selects, after the check phase's position, and ask about
+    those the listing did not compare."""
     while True:
         after_at, after_id = state.progress["after"]
         rows = (
@@ -238,7 +288,7 @@ def check_unlisted(
                     PAYMENTS.c.created_at,
                 )
                 .where(
-                    in_window,
+                    where,
                     tuple_(PAYMENTS.c.created_at, PAYMENTS.c.id)
                     > tuple_(
                         literal(datetime.fromisoformat(after_at), UTCDateTime()),

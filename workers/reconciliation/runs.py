@@ -165,6 +165,8 @@ class RunState:
       payments the listing never showed), `done`;
     - `slices`: per hourly slice, [cursor of its next page or None, listed to the end];
     - `batches`: batches committed so far (they number the run's `reconciliation_seen` rows);
+    - `minutes`: the payments compared while listing, by minute of the window;
+    - `ranges`: in the check phase, the minutes (as [first, last + 1)) to read again;
     - `after`: in the check phase, the (created_at, id) of the last database payment handled.
     """
 
@@ -192,6 +194,16 @@ class RunState:
 
     def slices(self) -> list[tuple[datetime, datetime]]:
         return slices_of(self.window_start, self.window_end)
+
+    def minutes(self) -> list[int]:
+        """The payments compared while listing, by minute of the window they were created in
+        (as the database has it): the check phase reads only the minutes whose payments were
+        not all compared."""
+        length = -(-int((self.window_end - self.window_start).total_seconds()) // 60)
+        minutes = self.progress.get("minutes")
+        if not minutes or len(minutes) != length:
+            minutes = self.progress["minutes"] = [0] * length
+        return minutes  # type: ignore[no-any-return]
 
     def slice_state(self) -> list[list[Any]]:
         state = self.progress.get("slices")
