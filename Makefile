@@ -56,6 +56,7 @@ test: install redis-server lint
 bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/holds.py
 	$(PY) -m tests.services -- $(PY) bench/refunds.py
+	$(PY) -m tests.services -- $(PY) bench/reconcile.py
 
 clean:
 	rm -rf var .pytest_cache .hypothesis
