@@ -160,21 +160,38 @@ def load_database(engine: Engine, gateway: str, size: int) -> None:
 # -- measuring a child ----------------------------------------------------------------------------
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            raw = stat.read()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+POSTMASTER: list[int] = []
+
+
 def postgres_cpu() -> float:
-    total = 0.0
+    """CPU seconds of our PostgreSQL (other clusters may run on the machine): its postmaster,
+    the backends that ended (its cutime/cstime), and those still running."""
+    if not POSTMASTER:
+        return 0.0
+    root = POSTMASTER[0]
+    fields = _stat(root)
+    total = sum(int(value) for value in fields[11:15]) if fields else 0
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as stat:
-                raw = stat.read()
-        except OSError:
-            continue
-        if raw[raw.index("(") + 1 : raw.rindex(")")].startswith("postgres"):
-            fields = raw[raw.rindex(")") + 2 :].split()
-            # utime, stime, and (the postmaster's) cutime, cstime: its backends that ended.
-            total += sum(int(value) for value in fields[11:15]) / CLK_TCK
-    return total
+        if entry.name.isdigit() and (child := _stat(entry.name)) and int(child[1]) == root:
+            total += int(child[11]) + int(child[12])
+    return total / CLK_TCK
+
+
+def find_postmaster(engine: Engine) -> None:
+    with engine.connect() as conn:
+        backend = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    fields = _stat(backend)
+    if fields:
+        POSTMASTER[:] = [int(fields[1])]
 
 
 def simulator_cpu() -> float:
@@ -458,6 +475,7 @@ def main() -> int:
 
     upgrade(url)
     engine = make_engine(url)
+    find_postmaster(engine)
     broker = redis.Redis.from_url(broker_url)
     print(f"backstop reconciliation bench ({'quick' if args.quick else 'full'})")
     results: dict[str, Any] = {"mode": "quick" if args.quick else "full"}
