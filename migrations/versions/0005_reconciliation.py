@@ -110,7 +110,7 @@ def downgrade() -> None:
 
     with op.batch_alter_table("reconciliation_discrepancies") as batch:
         batch.drop_constraint(
-            "uq_reconciliation_discrepancies_run_id_type_gateway_payment_id", type_="unique"
+            op.f("uq_reconciliation_discrepancies_run_id_type_gateway_payment_id"), type_="unique"
         )
         batch.drop_column("fixed")
 
@@ -121,7 +121,7 @@ def downgrade() -> None:
             postgresql_where=sa.text(OPEN_RUN),
             sqlite_where=sa.text(OPEN_RUN),
         )
-        batch.drop_constraint("ck_reconciliation_runs_status", type_="check")
+        batch.drop_constraint(op.f("ck_reconciliation_runs_status"), type_="check")
         for column in ("error", "progress", "attempts", "lease_until", "owner", "actor"):
             batch.drop_column(column)
         batch.drop_column("updated_at")
