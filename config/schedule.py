@@ -44,6 +44,16 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
                 "expires": settings.NOTIFY_OUTBOX_SWEEP_SECONDS,
             },
         },
+        "reconcile-nightly": {
+            "task": "reconciliation.nightly",
+            "schedule": parse_cron(settings.RECONCILE_CRON),
+            "options": {"queue": "batch"},
+        },
+        "check-in-flight-payments": {
+            "task": "payments.check_in_flight",
+            "schedule": timedelta(seconds=settings.PAYMENT_JANITOR_SECONDS),
+            "options": {"queue": "default", "expires": settings.PAYMENT_JANITOR_SECONDS},
+        },
         "check-schedules": {
             "task": "ops.check_schedules",
             "schedule": CHECK_SCHEDULES_EVERY,
@@ -102,6 +112,11 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
         "dlq.triage": longest_gap(parse_cron(settings.DLQ_TRIAGE_CRON)) + timedelta(minutes=10),
         "ops.retention": longest_gap(parse_cron(settings.RETENTION_CRON)) + timedelta(hours=1),
         "notifications.sweep_outbox": timedelta(seconds=settings.NOTIFY_OUTBOX_SWEEP_SECONDS) * 5
+        + timedelta(minutes=1),
+        # The nightly job only opens and sends the runs: an hour is plenty.
+        "reconciliation.nightly": longest_gap(parse_cron(settings.RECONCILE_CRON))
+        + timedelta(hours=1),
+        "payments.check_in_flight": timedelta(seconds=settings.PAYMENT_JANITOR_SECONDS * 3)
         + timedelta(minutes=1),
     }
 

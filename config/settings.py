@@ -125,6 +125,20 @@ class Settings(BaseSettings):
     REFUND_PENDING_AFTER_SECONDS: PositiveInt = 600
     REFUND_ESCALATE_AFTER_SECONDS: PositiveInt = 86400
     RECONCILE_CRON: Cron = "0 2 * * *"
+    # The nightly run reconciles every day window of the last this many days not yet
+    # reconciled (beat was down, a run failed), oldest first.
+    RECONCILE_CATCHUP_DAYS: Annotated[int, Field(ge=1, le=90)] = 7
+    # Gateway list requests one run has in flight (its window is paged as hourly slices).
+    RECONCILE_CONCURRENCY: Annotated[int, Field(ge=1, le=32)] = 4
+    # A run is held by whoever works on it for this long, renewed with every commit; a run
+    # whose worker died is resumed once this has passed.
+    RECONCILE_LEASE_SECONDS: Annotated[int, Field(ge=30, le=3600)] = 300
+    # The in-flight janitor: PENDING/AUTHORIZED payments with a gateway id older than this
+    # are asked about at their gateway, every PAYMENT_JANITOR_SECONDS, with a backoff that
+    # doubles from this value, at most PAYMENT_CHECK_MAX_ATTEMPTS times.
+    PAYMENT_STUCK_AFTER_SECONDS: PositiveInt = 900
+    PAYMENT_JANITOR_SECONDS: PositiveInt = 300
+    PAYMENT_CHECK_MAX_ATTEMPTS: PositiveInt = 8
     NOTIFY_MAX_ATTEMPTS: PositiveInt = 5
     # Fractions of a second are accepted, for tests.
     NOTIFY_BACKOFF_SECONDS: Annotated[float, Field(gt=0)] = 60

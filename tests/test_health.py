@@ -36,7 +36,7 @@ def statuses(report: dict) -> dict[str, str]:  # type: ignore[type-arg]
 def test_healthy_when_every_job_ran_and_nothing_is_dead_lettered(committed: Engine) -> None:
     now = datetime.now(UTC)
     with session_scope() as session:
-        for job in schedule_windows(load_settings()):  # every scheduled job's window
+        for job in schedule_windows(load_settings()):  # every scheduled job, as they are added
             record_run(session, job, started_at=now, finished_at=now, outcome="OK", counts={})
     code, report = health(RAZORPAY_KEY_ID="rzp_test_x", RAZORPAY_KEY_SECRET="s3cr3t-value")
     assert (code, report["status"]) == (0, "ok"), report

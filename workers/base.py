@@ -67,6 +67,12 @@ class BackstopTask(Task):  # type: ignore[misc]
 
     def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
+        redacted = getattr(self.payload_model, "REDACTED", None)
+        if redacted:
+            # Celery logs a failed task's kwargsrepr (the sender's repr of the payload).
+            request.kwargsrepr = repr(
+                {k: f"<{len(str(v))} chars>" if k in redacted else v for k, v in kwargs.items()}
+            )
         try:
             payload = self.validate_payload(args, kwargs)
             with session_scope() as session:

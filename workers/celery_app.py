@@ -12,7 +12,16 @@ from config.schedule import beat_schedule
 from workers import logs, metrics, sentry
 from workers.db import dispose_engine
 
-TASK_MODULES = ["tasks.holds", "tasks.refunds", "tasks.ops", "tasks.dlq", "tasks.notifications"]
+TASK_MODULES = [
+    "tasks.holds",
+    "tasks.refunds",
+    "tasks.ops",
+    "tasks.dlq",
+    "tasks.notifications",
+    "tasks.reconciliation",
+    "tasks.payments",
+    "tasks.webhooks",
+]
 
 settings = get_settings()
 app = Celery("backstop", include=TASK_MODULES)

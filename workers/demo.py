@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
@@ -85,6 +86,19 @@ def seed_simulator(state: SimulatorState) -> None:
     Razorpay answers 503 (nothing happened), Stripe makes the refund but the response is lost
     (the worker times out). Both are retried with the same key and made exactly once."""
     for gateway, payment_id, amount, currency, status in DEMO_PAYMENTS:
+        state.add_payment(gateway, id=payment_id, amount=amount, currency=currency, status=status)
+    noon = int(yesterday_noon().timestamp())
+    for gateway, payment_id, amount, currency, status, _, _ in RECONCILIATION:
+        if status is not None:
+            state.add_payment(
+                gateway,
+                id=payment_id,
+                amount=amount,
+                currency=currency,
+                status=status,
+                created=noon,
+            )
+    for gateway, payment_id, amount, currency, status in IN_FLIGHT:
         state.add_payment(gateway, id=payment_id, amount=amount, currency=currency, status=status)
     state.add_fault("razorpay.refund.create", "503", remaining=1)
     state.add_fault(
@@ -178,4 +192,74 @@ def seed_notifications(session: Session, now: datetime) -> list[int]:
             session, "notifications.deliver", {"notification_id": notification}, countdown=8
         )
         ids.append(notification)
+    return ids
+
+
+# Yesterday's payments as each side has them: (gateway, id, gateway amount, currency, gateway
+# status or None when the gateway never saw it, our amount, our status or None when we never
+# recorded it). The nightly run `make run` triggers fixes two and flags four for review.
+RECONCILIATION = (
+    ("razorpay", "pay_DemoRecon00001", 120_000, "INR", "captured", 120_000, "COMPLETED"),
+    # The webhook was lost: captured at the gateway, PENDING here. Fixed: COMPLETED.
+    ("razorpay", "pay_DemoRecon00002", 80_000, "INR", "captured", 80_000, "PENDING"),
+    # Failed at the gateway, COMPLETED here: money never moves backwards, flagged.
+    ("razorpay", "pay_DemoRecon00003", 45_000, "INR", "failed", 45_000, "COMPLETED"),
+    # Captured for ten times what we recorded: flagged.
+    ("razorpay", "pay_DemoRecon00004", 250_000, "INR", "captured", 25_000, "COMPLETED"),
+    # A payment we never recorded: flagged.
+    ("razorpay", "pay_DemoRecon00005", 9_900, "INR", "captured", None, None),
+    # Recorded here, unknown to the gateway: flagged.
+    ("razorpay", "pay_DemoRecon00006", None, "INR", None, 60_000, "COMPLETED"),
+    # Authorized then captured at the gateway; AUTHORIZED here. Fixed: COMPLETED.
+    ("stripe", "pi_DemoRecon00000000000001", 4_900, "USD", "succeeded", 4_900, "AUTHORIZED"),
+)
+# Paid half an hour ago, still PENDING here: the in-flight janitor moves it on.
+IN_FLIGHT = (("stripe", "pi_DemoInFlight0000000001", 2_500, "USD", "succeeded"),)
+
+
+def yesterday_noon() -> datetime:
+    zone = ZoneInfo(get_settings().TIMEZONE)
+    today = datetime.now(zone).date()
+    return datetime.combine(today - timedelta(days=1), time(12), zone).astimezone(UTC)
+
+
+def seed_reconciliation(session: Session, now: datetime) -> list[int]:
+    """Our side of yesterday's payments and of one stuck payment, then the nightly run and
+    the janitor, sent as beat would; nothing if they are already there."""
+    known = session.scalar(
+        select(func.count()).where(Payment.gateway_payment_id.in_([r[1] for r in RECONCILIATION]))
+    )
+    if known:
+        return []
+    noon = yesterday_noon()
+    rows = [
+        {
+            "gateway": gateway,
+            "gateway_payment_id": payment_id,
+            "amount": amount,
+            "currency": currency,
+            "status": status,
+            "created_at": noon,
+            "updated_at": noon,
+        }
+        for gateway, payment_id, _, currency, _, amount, status in RECONCILIATION
+        if status is not None
+    ]
+    rows += [
+        {
+            "gateway": gateway,
+            "gateway_payment_id": payment_id,
+            "amount": amount,
+            "currency": currency,
+            "status": "PENDING",
+            "created_at": now - timedelta(minutes=30),
+            "updated_at": now - timedelta(minutes=30),
+        }
+        for gateway, payment_id, amount, currency, _ in IN_FLIGHT
+    ]
+    ids = list(session.execute(insert(Payment).returning(Payment.id), rows).scalars())
+    # A few seconds, so the simulator `make run` starts is listening by then. The janitor
+    # comes later: it too would complete yesterday's stuck payments, the nightly run's fixes.
+    enqueue_after_commit(session, "reconciliation.nightly", {}, countdown=10)
+    enqueue_after_commit(session, "payments.check_in_flight", {}, countdown=40)
     return ids

@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -113,6 +114,15 @@ class Payment(Timestamps, Base):
         CheckConstraint(_statuses(*PAYMENT_STATUSES), name="status"),
         CheckConstraint("amount >= 0", name="amount"),
         CheckConstraint("gateway IN ('razorpay', 'stripe')", name="gateway"),
+        # A reconciliation window's payments, walked in (created_at, id) order.
+        Index("ix_payments_gateway_created_at", "gateway", "created_at", "id"),
+        # The janitor reads only payments still in flight.
+        Index(
+            "ix_payments_in_flight",
+            "created_at",
+            postgresql_where=text("status IN ('PENDING', 'AUTHORIZED')"),
+            sqlite_where=text("status IN ('PENDING', 'AUTHORIZED')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -122,6 +132,11 @@ class Payment(Timestamps, Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))
     status: Mapped[str] = mapped_column(String(16), server_default="PENDING")
+    # The in-flight janitor: when it last asked the gateway about this payment, when it asks
+    # next, and how many times it has asked.
+    last_checked_at: Mapped[datetime | None]
+    next_check_at: Mapped[datetime | None]
+    check_attempts: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 REFUND_STATUSES = ("PENDING", "PROCESSING", "COMPLETED", "FAILED")
@@ -296,6 +311,9 @@ class WebhookEvent(Base):
     event_type: Mapped[str | None] = mapped_column(String(128))
     received_at: Mapped[datetime] = mapped_column(server_default=NOW)
     processed_at: Mapped[datetime | None]
+    # The gateway payment or refund the event is about, and what applying it did.
+    entity_id: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[str | None] = mapped_column(String(32))
 
 
 class JobRun(Base):
@@ -331,17 +349,60 @@ class JobRun(Base):
     task_id: Mapped[str | None] = mapped_column(String(64))
 
 
+RUN_STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED")
+OPEN_RUN = "status IN ('PENDING', 'RUNNING', 'FAILED')"
+
+
 class ReconciliationRun(Base):
+    """One reconciliation of one gateway over one window. At most one run per gateway and
+    window is open (not COMPLETED); whoever holds its lease does the work, and its progress
+    says where that work resumes."""
+
     __tablename__ = "reconciliation_runs"
+    __table_args__ = (
+        CheckConstraint(_statuses(*RUN_STATUSES), name="status"),
+        Index(
+            "uq_reconciliation_runs_open",
+            "gateway",
+            "window_start",
+            "window_end",
+            unique=True,
+            postgresql_where=text(OPEN_RUN),
+            sqlite_where=text(OPEN_RUN),
+        ),
+        Index("ix_reconciliation_runs_gateway_window", "gateway", "window_start", "window_end"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     gateway: Mapped[str] = mapped_column(String(16))
     window_start: Mapped[datetime]
     window_end: Mapped[datetime]
-    status: Mapped[str] = mapped_column(String(16), server_default="RUNNING")
+    status: Mapped[str] = mapped_column(String(16), server_default="PENDING")
     started_at: Mapped[datetime] = mapped_column(server_default=NOW)
     finished_at: Mapped[datetime | None]
     counts: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    actor: Mapped[str | None] = mapped_column(String(128))  # who asked for it
+    # Whoever works on the run holds it until `lease_until`, renewed with every commit.
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    progress: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ReconciliationSeen(Base):
+    """The payments a run has compared, one row per committed batch of pages, their ids as
+    packed 64-bit integers: how a run resumed after a crash still knows which of the window's
+    payments its gateway listed. Deleted when the run completes."""
+
+    __tablename__ = "reconciliation_seen"
+
+    run_id: Mapped[int] = mapped_column(
+        ForeignKey("reconciliation_runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    payment_ids: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 DISCREPANCY_TYPES = ("MISSING_IN_DB", "STATUS_MISMATCH", "AMOUNT_MISMATCH", "MISSING_AT_GATEWAY")
@@ -354,6 +415,8 @@ class ReconciliationDiscrepancy(Base):
             "type IN ('MISSING_IN_DB', 'STATUS_MISMATCH', 'AMOUNT_MISMATCH', 'MISSING_AT_GATEWAY')",
             name="type",
         ),
+        # A payment listed twice (offset paging shifts) is one finding per run.
+        UniqueConstraint("run_id", "type", "gateway_payment_id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -363,6 +426,9 @@ class ReconciliationDiscrepancy(Base):
     gateway_payment_id: Mapped[str | None] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(server_default=NOW)
+    # True when the run corrected the database (a safe, forward status change); False when
+    # the finding waits for a person.
+    fixed: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class StateTransition(Base):

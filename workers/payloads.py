@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -157,13 +157,26 @@ class DeliverNotification(Payload):
     notification_id: Id
 
 
-def describe(error: ValidationError) -> str:
-    """One line naming every field that failed and why."""
+class RunReconciliation(Payload):
+    run_id: Id
+
+
+class ProcessWebhook(Payload):
+    # Never shown in an error message: the message is logged.
+    REDACTED: ClassVar[frozenset[str]] = frozenset({"body", "signature"})
+
+    provider: Literal["razorpay", "stripe"]
+    body: Annotated[str, Field(min_length=1, max_length=1_000_000)]  # raw, as received
+    signature: Annotated[str, Field(min_length=1, max_length=4_096)]  # the header's value
+
+
+def describe(error: ValidationError, redacted: frozenset[str] = frozenset()) -> str:
+    """One line naming every field that failed and why (the value too, unless redacted)."""
     parts = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "payload"
         message = item["msg"]
-        if item["type"] not in ("missing", "extra_forbidden"):
+        if item["type"] not in ("missing", "extra_forbidden") and field not in redacted:
             given = item.get("input")
             message += f" (got {type(given).__name__} {given!r:.60})"
         parts.append(f"{field}: {message}")
@@ -177,4 +190,4 @@ def validate(model: type[P], kwargs: dict[str, object]) -> P:
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:
-        raise PayloadError(describe(exc)) from None
+        raise PayloadError(describe(exc, getattr(model, "REDACTED", frozenset()))) from None

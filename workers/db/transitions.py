@@ -33,6 +33,7 @@ from workers.models import (
     DeadLetter,
     Notification,
     Payment,
+    ReconciliationRun,
     Refund,
     StateTransition,
     UTCDateTime,
@@ -70,13 +71,19 @@ MACHINES: dict[str, dict[str, frozenset[str]]] = {
         "MANUAL_REVIEW": frozenset({"NEW", "RETRYING"}),
         "DISCARDED": frozenset({"NEW", "RETRYING", "MANUAL_REVIEW"}),
     },
+    "reconciliation_runs": {
+        "RUNNING": frozenset({"PENDING", "FAILED"}),
+        "COMPLETED": frozenset({"RUNNING"}),
+        "FAILED": frozenset({"PENDING", "RUNNING"}),
+    },
 }
 
 # A row whose status changes between our read and our write is read again; this many times.
 MAX_CAS_ROUNDS = 10
 
 MODELS: dict[str, type[Base]] = {
-    model.__tablename__: model for model in (BookingHold, Payment, Refund, Notification, DeadLetter)
+    model.__tablename__: model
+    for model in (BookingHold, Payment, Refund, Notification, DeadLetter, ReconciliationRun)
 }
 
 
@@ -238,12 +245,16 @@ class BatchTransition:
         )
         return insert(audit).from_select(AUDIT_COLUMNS, rows).returning(audit.c.entity_id)
 
-    def __call__(self, session: Session, now: datetime) -> list[int]:
-        """Run one batch in the session's transaction; returns the ids that changed."""
+    def __call__(
+        self, session: Session, now: datetime, params: Mapping[str, Any] | None = None
+    ) -> list[int]:
+        """Run one batch in the session's transaction; returns the ids that changed. `params`
+        binds the claim's own parameters (the ids to move, say)."""
+        bound = {**(params or {}), "now": now}
         if is_postgres(session):
-            return list(session.execute(self._postgres, {"now": now}).scalars())
+            return list(session.execute(self._postgres, bound).scalars())
         # SQLite: the transaction already holds the write lock, so three statements are as safe.
-        ids = list(session.execute(self.claimed, {"now": now}).scalars())
+        ids = list(session.execute(self.claimed, bound).scalars())
         if not ids:
             return []
         changed = list(session.execute(self._sqlite_update, {"ids": ids, "now": now}).scalars())

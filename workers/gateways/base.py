@@ -28,6 +28,10 @@ class GatewayPermanent(PermanentError):
     """The gateway refused the request (bad request, auth, idempotency mismatch)."""
 
 
+class GatewayNotFound(GatewayPermanent):
+    """The gateway has no object with the id asked for."""
+
+
 class OutcomeUnknown(TransientError):
     """The request may have reached the gateway and taken effect (timeout, connection lost
     after sending): resolve by asking the gateway, never by sending a new request blindly."""
@@ -96,6 +100,15 @@ class GatewayPayment:
     order_id: str | None
 
 
+@dataclass(frozen=True)
+class PaymentPage:
+    """One page of a payment listing, and where the next page starts (None: this was the
+    last). The cursor is the gateway's own: Razorpay's `skip`, Stripe's `starting_after`."""
+
+    items: list[GatewayPayment]
+    cursor: str | None
+
+
 class Gateway(Protocol):
     name: str
     # How long the gateway honours an idempotency key after its first use (Stripe prunes
@@ -115,4 +128,9 @@ class Gateway(Protocol):
 
     def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
         """The payments created in [start, end), a page at a time."""
+        ...
+
+    def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
+        """The page of payments created in [start, end) that begins at `cursor` (None: the
+        first page). [start, end) must be whole seconds."""
         ...

@@ -21,6 +21,7 @@ from workers.gateways.base import (
     GatewayPayment,
     GatewayPermanent,
     GatewayRefund,
+    PaymentPage,
     RefundRequest,
 )
 
@@ -87,6 +88,12 @@ class GuardedGateway:
         self.name, self.key_ttl = gateway.name, gateway.key_ttl
 
     @property
+    def adapter(self) -> Gateway:
+        """The adapter itself, for a caller that reads the breaker's state instead of calling
+        through it."""
+        return self._gateway
+
+    @property
     def breaker(self) -> pybreaker.CircuitBreaker:
         return self._breakers()
 
@@ -119,6 +126,9 @@ class GuardedGateway:
 
     def fetch_payment(self, payment_id: str) -> GatewayPayment:
         return self._call(self._gateway.fetch_payment, payment_id)
+
+    def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
+        return self._call(self._gateway.payment_page, start, end, cursor)
 
     def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
         pages = self._gateway.list_payments(start, end)

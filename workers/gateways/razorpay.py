@@ -7,6 +7,7 @@ explicit timeout on every call.
 
 from __future__ import annotations
 
+import importlib.metadata
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,21 +16,34 @@ from typing import Any, TypeVar
 import razorpay
 import razorpay.errors
 import requests
-import requests.adapters
 
 from workers.gateways.base import (
+    GatewayNotFound,
     GatewayPayment,
     GatewayPermanent,
     GatewayRefund,
     GatewayTransient,
     OutcomeUnknown,
+    PaymentPage,
     RefundRequest,
     payment_status,
     refund_status,
 )
+from workers.gateways.http import http_session
 
 T = TypeVar("T")
+API = "https://api.razorpay.com"
 PAGE = 100  # Razorpay's largest `count`
+SDK_VERSION = importlib.metadata.version("razorpay")
+
+
+class _Client(razorpay.Client):  # type: ignore[misc]
+    """The SDK's client, less one cost: it reads its own version from the package metadata
+    for the User-Agent of every request (~1 ms, a third of the client's CPU for a page of
+    100 payments). The version cannot change while the process runs."""
+
+    def _get_version(self) -> str:
+        return SDK_VERSION
 
 
 class RazorpayGateway:
@@ -47,15 +61,10 @@ class RazorpayGateway:
         connections: int = 10,
     ):
         self._status = threading.local()
-        session = requests.Session()
-        # One session is shared by the threads that call the gateway at once: keep a
-        # connection for each of them (requests keeps 10 per host by default).
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=connections)
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
+        session = http_session(base_url or API, connections)
         session.hooks["response"].append(self._remember_status)
         options = {"base_url": base_url.rstrip("/")} if base_url else {}
-        self._client = razorpay.Client(session=session, auth=(key_id, key_secret), **options)
+        self._client = _Client(session=session, auth=(key_id, key_secret), **options)
         self._timeout = timeout
 
     def _remember_status(self, response: requests.Response, *_: Any, **__: Any) -> None:
@@ -86,6 +95,8 @@ class RazorpayGateway:
         message = f"razorpay {what}: HTTP {status}: {exc}"
         if status is not None and (status in (409, 429) or status >= 500):
             return GatewayTransient(message)
+        if status == 404 or (status == 400 and "does not exist" in str(exc)):
+            return GatewayNotFound(message)
         if isinstance(exc, razorpay.errors.BadRequestError) or (status and status < 500):
             return GatewayPermanent(message)
         return GatewayTransient(message)
@@ -142,21 +153,30 @@ class RazorpayGateway:
         )
 
     def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
-        # Razorpay's window is inclusive at both ends, in whole seconds.
-        window = {"from": int(start.timestamp()), "to": int(end.timestamp()) - 1}
-        skip = 0
+        cursor = None
         while True:
-            page = self._call(
-                "payment.list",
-                lambda skip=skip: self._client.payment.all(
-                    {**window, "count": PAGE, "skip": skip}, timeout=self._timeout
-                ),
-            )
-            items = page.get("items", [])
-            yield [_payment(item) for item in items]
-            if len(items) < PAGE:
+            page = self.payment_page(start, end, cursor)
+            yield page.items
+            if page.cursor is None:
                 return
-            skip += PAGE
+            cursor = page.cursor
+
+    def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
+        # Razorpay's window is inclusive at both ends, in whole seconds; its pages are offsets
+        # into it, newest first, so a payment created in the window meanwhile shifts the rest
+        # by one: the caller de-duplicates.
+        skip = int(cursor or 0)
+        query = {
+            "from": int(start.timestamp()),
+            "to": int(end.timestamp()) - 1,
+            "count": PAGE,
+            "skip": skip,
+        }
+        page = self._call(
+            "payment.list", lambda: self._client.payment.all(query, timeout=self._timeout)
+        )
+        items = [_payment(item) for item in page.get("items", [])]
+        return PaymentPage(items, str(skip + PAGE) if len(items) == PAGE else None)
 
 
 def _maybe_done(effectful: bool, message: str) -> Exception:

@@ -61,7 +61,10 @@ def _adapter(name: str, settings: Settings) -> Gateway:
         if not settings.STRIPE_API_KEY:
             raise GatewayPermanent("stripe is not configured: set STRIPE_API_KEY")
         return StripeGateway(
-            settings.STRIPE_API_KEY.get_secret_value(), settings.STRIPE_API_BASE, timeout
+            settings.STRIPE_API_KEY.get_secret_value(),
+            settings.STRIPE_API_BASE,
+            timeout,
+            connections=max(10, settings.GATEWAY_CONCURRENCY),
         )
     raise GatewayPermanent(f"unknown gateway {name!r}")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -201,6 +203,7 @@ class SimulatorState:
         self._refunds_created = 0
         self._by_key: Counter[str] = Counter()
         self._by_reference: Counter[str] = Counter()
+        self._hooks: list[tuple[str, int, Callable[[SimulatorState], object]]] = []
 
     # -- control ------------------------------------------------------------------------------
 
@@ -281,7 +284,7 @@ class SimulatorState:
         currency = row.get("currency") or DEFAULT_CURRENCY[gateway]
         if not isinstance(currency, str) or len(currency) != 3:
             raise ValueError("currency must be a three-letter code")
-        status = row.get("status") or REFUNDABLE_PAYMENT_STATUS[gateway]
+        status = sys.intern(row.get("status") or REFUNDABLE_PAYMENT_STATUS[gateway])
         if status not in PAYMENT_STATUSES[gateway]:
             raise ValueError(
                 f"{gateway} payment status must be one of {sorted(PAYMENT_STATUSES[gateway])}"
@@ -311,7 +314,8 @@ class SimulatorState:
         return _Payment(
             id=payment_id,
             amount=amount,
-            currency=currency.upper() if gateway == RAZORPAY else currency.lower(),
+            # Interned: a million payments share three currency strings, not a million.
+            currency=sys.intern(currency.upper() if gateway == RAZORPAY else currency.lower()),
             status=status,
             created=created,
             order_id=row.get("order_id"),
@@ -359,6 +363,29 @@ class SimulatorState:
         with self._lock:
             self._faults.append(rule)
             return rule.to_dict()
+
+    def after_request(
+        self, endpoint: str, callback: Callable[[SimulatorState], object], *, nth: int = 1
+    ) -> None:
+        """Run `callback(state)` once, right after the `nth` request to `endpoint` from now on
+        has been answered: a payment created between two pages of a listing, say."""
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint {endpoint!r} is none of {list(ENDPOINTS)}")
+        if not _is_int(nth) or nth < 1:
+            raise ValueError("nth must be a positive integer")
+        with self._lock:
+            self._hooks.append((endpoint, self._requests[endpoint] + nth, callback))
+
+    def _answered(self, endpoint: str) -> None:
+        with self._lock:
+            due = [
+                hook
+                for hook in self._hooks
+                if hook[0] == endpoint and self._requests[endpoint] >= hook[1]
+            ]
+            self._hooks = [hook for hook in self._hooks if hook not in due]
+        for _, _, callback in due:
+            callback(self)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -414,6 +441,67 @@ class SimulatorState:
             if found is None:
                 raise KeyError(f"no refund {refund_id}")
             return self._refund_entity(found)
+
+    def set_payment_status(self, gateway: str, payment_id: str, status: str) -> dict[str, Any]:
+        """Move a payment to `status` (a pending one captured later, say); returns its entity."""
+        _check_gateway(gateway)
+        if status not in PAYMENT_STATUSES[gateway]:
+            raise ValueError(
+                f"{gateway} payment status must be one of {sorted(PAYMENT_STATUSES[gateway])}"
+            )
+        with self._lock:
+            payment = self._payments[gateway].get(payment_id)
+            if payment is None:
+                raise KeyError(f"no {gateway} payment {payment_id}")
+            payment.status = sys.intern(status)
+            return self._payment_entity(gateway, payment)
+
+    def webhook_event(
+        self, gateway: str, event_type: str, object_id: str, *, created: int | None = None
+    ) -> str:
+        """The raw body of the webhook the gateway sends about a payment or refund as it is
+        now: Razorpay's `{"entity": "event", "event": ..., "payload": {...}}` (a refund event
+        carries its payment too), Stripe's `{"id": "evt_...", "type": ..., "data":
+        {"object": ...}}`. Sign it with `sign_razorpay` / `sign_stripe`."""
+        _check_gateway(gateway)
+        with self._lock:
+            at = int(self.now()) if created is None else created
+            refund = self._refunds.get(object_id)
+            if refund is not None and refund.gateway == gateway:
+                entity = self._refund_entity(refund)
+                payment = self._payments[gateway][refund.payment_id]
+                kind = "refund"
+            else:
+                payment = self._payments[gateway].get(object_id)
+                if payment is None:
+                    raise KeyError(f"no {gateway} payment or refund {object_id}")
+                entity = self._payment_entity(gateway, payment)
+                kind = "payment"
+            if gateway == RAZORPAY:
+                payload: dict[str, Any] = {kind: {"entity": entity}}
+                if kind == "refund":
+                    payload["payment"] = {"entity": self._payment_entity(gateway, payment)}
+                body: dict[str, Any] = {
+                    "entity": "event",
+                    "account_id": "acc_simulator",
+                    "event": event_type,
+                    "contains": list(payload),
+                    "payload": payload,
+                    "created_at": at,
+                }
+            else:
+                body = {
+                    "id": f"evt_{next(self._ids):024d}",
+                    "object": "event",
+                    "api_version": "2024-06-20",
+                    "created": at,
+                    "type": event_type,
+                    "livemode": False,
+                    "pending_webhooks": 1,
+                    "request": {"id": None, "idempotency_key": None},
+                    "data": {"object": entity},
+                }
+        return json.dumps(body, separators=(",", ":"))
 
     def effects(self) -> dict[str, Any]:
         """What the gateways actually did: a reference refunded twice is in `duplicates`."""
@@ -839,6 +927,18 @@ class SimulatorState:
         return _stripe_list("/v1/refunds", data, has_more=len(newest_first) > limit)
 
 
+def sign_razorpay(body: str, secret: str) -> str:
+    """`X-Razorpay-Signature`: the hex HMAC-SHA256 of the raw body with the webhook secret."""
+    return hmac.new(secret.encode(), body.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_stripe(body: str, secret: str, timestamp: int | None = None) -> str:
+    """`Stripe-Signature`: `t=<unix time>,v1=<hex HMAC-SHA256 of "t.body">`."""
+    at = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(secret.encode(), f"{at}.{body}".encode(), hashlib.sha256).hexdigest()
+    return f"t={at},v1={digest}"
+
+
 def _check_gateway(gateway: str) -> None:
     if gateway not in GATEWAYS:
         raise ValueError(f"gateway must be one of {list(GATEWAYS)}")
@@ -1028,6 +1128,7 @@ def create_app(state: SimulatorState) -> Flask:
             response = _json(body, 200, headers)
         except SimulatorError as exc:
             response = _error_response(gateway, exc)
+        state._answered(endpoint)
         if fault is not None and fault.kind == "lost":
             # The effect is done and recorded; hanging now makes the client give up on it.
             time.sleep(fault.hang_seconds)

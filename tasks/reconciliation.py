@@ -1,0 +1,88 @@
+"""Reconciliation tasks, on the `batch` queue: the nightly job (`reconciliation.nightly`, on
+RECONCILE_CRON in TIMEZONE) sends one `reconciliation.run` per gateway and day not yet
+reconciled; each run compares a gateway's listing with the database and resumes where it
+stopped."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config import get_settings
+from workers.base import TaskContext, task, utcnow
+from workers.dlq import precheck
+from workers.gateways.registry import get_gateway
+from workers.jobs import record_run
+from workers.models import ReconciliationRun
+from workers.payloads import RunReconciliation
+from workers.reconciliation import (
+    RunOptions,
+    configured_gateways,
+    new_owner,
+    plan_nightly,
+    reconcile_run,
+)
+
+NIGHTLY = "reconciliation.nightly"
+
+
+def run_options(owner: str, actor: str = "reconciliation.run") -> RunOptions:
+    settings = get_settings()
+    return RunOptions(
+        lease=timedelta(seconds=settings.RECONCILE_LEASE_SECONDS),
+        concurrency=settings.RECONCILE_CONCURRENCY,
+        owner=owner,
+        actor=actor,
+    )
+
+
+@task(NIGHTLY)
+def nightly(ctx: TaskContext) -> dict[str, Any]:
+    """Open a run for every configured gateway and every day of the catch-up window that has
+    no completed run, and send them (after commit), oldest first."""
+    settings = get_settings()
+    gateways = configured_gateways(settings)
+    runs = plan_nightly(
+        ctx.session,
+        ctx.now,
+        gateways=gateways,
+        zone=ZoneInfo(settings.TIMEZONE),
+        catch_up_days=settings.RECONCILE_CATCHUP_DAYS,
+    )
+    for run_id in runs:
+        ctx.enqueue("reconciliation.run", {"run_id": run_id})
+    counts = {"gateways": len(gateways), "runs": len(runs)}
+    record_run(
+        ctx.session,
+        NIGHTLY,
+        started_at=ctx.now,
+        finished_at=utcnow(),
+        outcome="OK",
+        counts=counts,
+        task_id=ctx.task_id,
+    )
+    return {**counts, "run_ids": runs}
+
+
+@task("reconciliation.run", payload=RunReconciliation)
+def run(ctx: TaskContext, payload: RunReconciliation) -> dict[str, Any]:
+    result = reconcile_run(
+        ctx.session,
+        payload.run_id,
+        utcnow,
+        get_gateway,
+        run_options(new_owner(f"task:{ctx.task_id}")),
+    )
+    return {"run_id": result.run_id, "outcome": result.outcome, **result.counts}
+
+
+@precheck("reconciliation.run")
+def _replay_needed(session: Session, payload: dict[str, Any], actor: str) -> str | None:
+    status = session.execute(
+        select(ReconciliationRun.status).where(ReconciliationRun.id == payload.get("run_id"))
+    ).scalar_one_or_none()
+    return "the run is already COMPLETED" if status == "COMPLETED" else None
