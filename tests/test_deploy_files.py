@@ -84,3 +84,11 @@ def test_the_metrics_exporter_reads_the_workers_volume_and_is_never_published() 
     services = compose()["services"]
     assert "ports" not in services["metrics"]
     assert services["metrics"]["volumes"] == services["worker"]["volumes"]
+
+
+def test_the_readme_describes_every_procfile_process() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name = line.split(":", 1)[0]
+            assert f"| `{name}`" in readme, f"README's process table lacks {name}"
