@@ -4,12 +4,14 @@ the `default` queue (not `batch`, where a long reconciliation would hold it up).
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from config import get_settings
+from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.gateways.registry import get_gateway
 from workers.janitor import JanitorPolicy, check_in_flight
-from workers.jobs import record_run
+from workers.jobs import run_in_slot
 
 JANITOR = "payments.check_in_flight"
 
@@ -24,24 +26,22 @@ def janitor_policy() -> JanitorPolicy:
 
 
 @task(JANITOR)
-def check(ctx: TaskContext) -> dict[str, int]:
+def check(ctx: TaskContext) -> dict[str, Any]:
     settings = get_settings()
-    counts = dict(
-        check_in_flight(
-            ctx.session,
-            utcnow,
-            get_gateway,
-            janitor_policy(),
-            time_budget=max(settings.PAYMENT_JANITOR_SECONDS / 2, 10),
-        )
-    )
-    record_run(
+    return run_in_slot(
         ctx.session,
         JANITOR,
-        started_at=ctx.now,
-        finished_at=utcnow(),
-        outcome="OK",
-        counts=counts,
+        current_slot(JANITOR, settings, ctx.now),
         task_id=ctx.task_id,
+        now=ctx.now,
+        clock=utcnow,
+        work=lambda: dict(
+            check_in_flight(
+                ctx.session,
+                utcnow,
+                get_gateway,
+                janitor_policy(),
+                time_budget=max(settings.PAYMENT_JANITOR_SECONDS / 2, 10),
+            )
+        ),
     )
-    return counts

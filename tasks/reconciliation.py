@@ -13,10 +13,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import get_settings
+from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.dlq import precheck
 from workers.gateways.registry import get_gateway
-from workers.jobs import record_run
+from workers.jobs import run_in_slot
 from workers.models import ReconciliationRun
 from workers.payloads import RunReconciliation
 from workers.reconciliation import (
@@ -45,27 +46,30 @@ def nightly(ctx: TaskContext) -> dict[str, Any]:
     """Open a run for every configured gateway and every day of the catch-up window that has
     no completed run, and send them (after commit), oldest first."""
     settings = get_settings()
-    gateways = configured_gateways(settings)
-    runs = plan_nightly(
-        ctx.session,
-        ctx.now,
-        gateways=gateways,
-        zone=ZoneInfo(settings.TIMEZONE),
-        catch_up_days=settings.RECONCILE_CATCHUP_DAYS,
-    )
-    for run_id in runs:
-        ctx.enqueue("reconciliation.run", {"run_id": run_id})
-    counts = {"gateways": len(gateways), "runs": len(runs)}
-    record_run(
+
+    def work() -> dict[str, Any]:
+        gateways = configured_gateways(settings)
+        runs = plan_nightly(
+            ctx.session,
+            ctx.now,
+            gateways=gateways,
+            zone=ZoneInfo(settings.TIMEZONE),
+            catch_up_days=settings.RECONCILE_CATCHUP_DAYS,
+        )
+        for run_id in runs:
+            ctx.enqueue("reconciliation.run", {"run_id": run_id})
+        return {"gateways": len(gateways), "runs": len(runs)}
+
+    # Once per schedule slot: a second beat or a manual run in the same slot does nothing.
+    return run_in_slot(
         ctx.session,
         NIGHTLY,
-        started_at=ctx.now,
-        finished_at=utcnow(),
-        outcome="OK",
-        counts=counts,
+        current_slot(NIGHTLY, settings, ctx.now),
         task_id=ctx.task_id,
+        now=ctx.now,
+        clock=utcnow,
+        work=work,
     )
-    return {**counts, "run_ids": runs}
 
 
 @task("reconciliation.run", payload=RunReconciliation)

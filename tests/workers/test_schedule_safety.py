@@ -26,13 +26,31 @@ from workers.ops import check_schedules
 from workers.refunds import retry_stuck_refunds
 
 DAY = datetime(2026, 6, 1, tzinfo=UTC)
+# Every scheduled job that claims its slot; the 5-second hold sweep and the notification outbox
+# sweep instead claim their rows (SKIP LOCKED) and keep an hourly heartbeat row.
+JOBS = (
+    "refunds.retry_stuck",
+    "dlq.triage",
+    "ops.check_schedules",
+    "ops.retention",
+    "payments.check_in_flight",
+    "reconciliation.nightly",
+)
 
 
 def jobs(now: datetime) -> dict[str, Callable[[Any], dict[str, Any]]]:
     """Each scheduled job's work, as its task runs it, at `now`."""
-    settings = get_settings()
-    from config.schedule import schedule_windows
+    from zoneinfo import ZoneInfo
 
+    from config.schedule import schedule_windows
+    from tasks.ops import retention_policy
+    from tasks.payments import janitor_policy
+    from workers.gateways.registry import get_gateway
+    from workers.janitor import check_in_flight
+    from workers.reconciliation.runs import configured_gateways, plan_nightly
+    from workers.retention import prune
+
+    settings = get_settings()
     return {
         "refunds.retry_stuck": lambda s: retry_stuck_refunds(
             s, lambda: now, retry_policy()
@@ -40,6 +58,21 @@ def jobs(now: datetime) -> dict[str, Callable[[Any], dict[str, Any]]]:
         "dlq.triage": lambda s: triage(s, now, triage_policy()).as_dict(),
         "ops.check_schedules": lambda s: {
             "missed": len(check_schedules(s, now, schedule_windows(settings)))
+        },
+        "ops.retention": lambda s: prune(s, retention_policy(), now),
+        "payments.check_in_flight": lambda s: dict(
+            check_in_flight(s, lambda: now, get_gateway, janitor_policy(), time_budget=10)
+        ),
+        "reconciliation.nightly": lambda s: {
+            "runs": len(
+                plan_nightly(
+                    s,
+                    now,
+                    gateways=configured_gateways(settings),
+                    zone=ZoneInfo(settings.TIMEZONE),
+                    catch_up_days=settings.RECONCILE_CATCHUP_DAYS,
+                )
+            )
         },
     }
 
@@ -97,7 +130,7 @@ def test_two_beats_over_a_day_do_each_jobs_work_once_per_slot(
     checked = replayed = 0
     at = DAY
     while at < DAY + timedelta(days=1):
-        for job in ("refunds.retry_stuck", "dlq.triage", "ops.check_schedules"):
+        for job in JOBS:
             slot = current_slot(job, settings, at)
             if seen.get(job) == slot:
                 continue
@@ -123,11 +156,19 @@ def test_two_beats_over_a_day_do_each_jobs_work_once_per_slot(
             replayed += done[0].get("replayed", 0)
         at += timedelta(minutes=5)
 
-    assert outcomes == {"refunds.retry_stuck": 48, "dlq.triage": 96, "ops.check_schedules": 288}
+    assert outcomes == {
+        "refunds.retry_stuck": 48,
+        "dlq.triage": 96,
+        "ops.check_schedules": 288,
+        # Daily jobs: the slot still current at midnight (yesterday's) and today's.
+        "ops.retention": 2,
+        "payments.check_in_flight": 288,
+        "reconciliation.nightly": 2,
+    }
     session = new_session()
     rows = session.execute(select(JobRun.job_name, JobRun.bucket, JobRun.outcome)).all()
     per_slot = Counter((name, bucket) for name, bucket, _ in rows)
-    assert set(per_slot.values()) == {1} and len(rows) == 48 + 96 + 288
+    assert set(per_slot.values()) == {1} and len(rows) == sum(outcomes.values())
     assert all(outcome == "OK" for _, _, outcome in rows)
     # The work itself, once per slot: every stuck refund re-checked once in each of the 48
     # retry slots (never by both beats), every dead letter replayed once by triage, which six
