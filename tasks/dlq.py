@@ -7,10 +7,8 @@ from datetime import timedelta
 from typing import Any
 
 from config import get_settings
-from config.schedule import current_slot
-from workers.base import TaskContext, task, utcnow
+from workers.base import TaskContext, task
 from workers.dlq import ReplayError, TriagePolicy, dispatch, replay, triage
-from workers.jobs import run_in_slot
 from workers.payloads import DispatchReplays, ReplayDeadLetter
 
 
@@ -27,14 +25,9 @@ def triage_policy() -> TriagePolicy:
 @task("dlq.triage")
 def run_triage(ctx: TaskContext) -> dict[str, Any]:
     job = "dlq.triage"
-    return run_in_slot(
-        ctx.session,
+    return ctx.in_slot(
         job,
-        current_slot(job, get_settings(), ctx.now),
-        task_id=ctx.task_id,
-        now=ctx.now,
-        clock=utcnow,
-        work=lambda: triage(ctx.session, ctx.now, triage_policy()).as_dict(),
+        lambda: triage(ctx.session, ctx.now, triage_policy()).as_dict(),
     )
 
 

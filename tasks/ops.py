@@ -7,9 +7,8 @@ from datetime import timedelta
 from typing import Any
 
 from config import get_settings
-from config.schedule import current_slot, schedule_windows
-from workers.base import TaskContext, task, utcnow
-from workers.jobs import run_in_slot
+from config.schedule import schedule_windows
+from workers.base import TaskContext, task
 from workers.ops import JOB, check_schedules
 from workers.retention import Retention, prune
 
@@ -22,14 +21,9 @@ def check(ctx: TaskContext) -> dict[str, Any]:
         missed = check_schedules(ctx.session, ctx.now, schedule_windows(settings))
         return {"missed": len(missed), "jobs": missed}
 
-    return run_in_slot(
-        ctx.session,
+    return ctx.in_slot(
         JOB,
-        current_slot(JOB, settings, ctx.now),
-        task_id=ctx.task_id,
-        now=ctx.now,
-        clock=utcnow,
-        work=work,
+        work,
     )
 
 
@@ -46,12 +40,7 @@ def retention_policy() -> Retention:
 @task("ops.retention")
 def retention(ctx: TaskContext) -> dict[str, Any]:
     job = "ops.retention"
-    return run_in_slot(
-        ctx.session,
+    return ctx.in_slot(
         job,
-        current_slot(job, get_settings(), ctx.now),
-        task_id=ctx.task_id,
-        now=ctx.now,
-        clock=utcnow,
-        work=lambda: prune(ctx.session, retention_policy(), ctx.now),
+        lambda: prune(ctx.session, retention_policy(), ctx.now),
     )

@@ -7,11 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 from config import get_settings
-from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.gateways.registry import get_gateway
 from workers.janitor import JanitorPolicy, check_in_flight
-from workers.jobs import run_in_slot
 
 JANITOR = "payments.check_in_flight"
 
@@ -28,14 +26,9 @@ def janitor_policy() -> JanitorPolicy:
 @task(JANITOR)
 def check(ctx: TaskContext) -> dict[str, Any]:
     settings = get_settings()
-    return run_in_slot(
-        ctx.session,
+    return ctx.in_slot(
         JANITOR,
-        current_slot(JANITOR, settings, ctx.now),
-        task_id=ctx.task_id,
-        now=ctx.now,
-        clock=utcnow,
-        work=lambda: dict(
+        lambda: dict(
             check_in_flight(
                 ctx.session,
                 utcnow,

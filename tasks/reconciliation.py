@@ -13,11 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.dlq import precheck
 from workers.gateways.registry import get_gateway
-from workers.jobs import run_in_slot
 from workers.models import ReconciliationRun
 from workers.payloads import RunReconciliation
 from workers.reconciliation import (
@@ -61,14 +59,9 @@ def nightly(ctx: TaskContext) -> dict[str, Any]:
         return {"gateways": len(gateways), "runs": len(runs)}
 
     # Once per schedule slot: a second beat or a manual run in the same slot does nothing.
-    return run_in_slot(
-        ctx.session,
+    return ctx.in_slot(
         NIGHTLY,
-        current_slot(NIGHTLY, settings, ctx.now),
-        task_id=ctx.task_id,
-        now=ctx.now,
-        clock=utcnow,
-        work=work,
+        work,
     )
 
 

@@ -11,12 +11,10 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from config.celery import max_countdown
-from config.schedule import current_slot
 from workers.base import TaskContext, task, utcnow
 from workers.dlq import batch_precheck
 from workers.errors import RetryRemaining
 from workers.gateways.registry import get_gateway
-from workers.jobs import run_in_slot
 from workers.models import Refund
 from workers.payloads import CheckRefunds, SubmitRefund
 from workers.refunds import (
@@ -91,14 +89,9 @@ def retry_policy() -> RetryPolicy:
 @task("refunds.retry_stuck")
 def retry_stuck(ctx: TaskContext) -> dict[str, Any]:
     job = "refunds.retry_stuck"
-    return run_in_slot(
-        ctx.session,
+    return ctx.in_slot(
         job,
-        current_slot(job, get_settings(), ctx.now),
-        task_id=ctx.task_id,
-        now=ctx.now,
-        clock=utcnow,
-        work=lambda: retry_stuck_refunds(ctx.session, utcnow, retry_policy()).as_dict(),
+        lambda: retry_stuck_refunds(ctx.session, utcnow, retry_policy()).as_dict(),
     )
 
 

@@ -55,6 +55,22 @@ class TaskContext:
         """Send another task once this run's transaction commits."""
         enqueue_after_commit(self.session, task_name, kwargs, **options)
 
+    def in_slot(self, job: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a scheduled job's `work` once for the schedule slot `now` falls in: a second beat
+        or a manual run in the same slot does nothing (see `workers.jobs.claim_slot`)."""
+        from config.schedule import current_slot
+        from workers.jobs import run_in_slot
+
+        return run_in_slot(
+            self.session,
+            job,
+            current_slot(job, get_settings(), self.now),
+            task_id=self.task_id,
+            now=self.now,
+            clock=utcnow,
+            work=work,
+        )
+
 
 Body = Callable[..., Any]
 
