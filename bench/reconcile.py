@@ -248,14 +248,9 @@ def spawn(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def child_env(server: Any) -> dict[str, str]:
-    state = server.state
     return {
         **os.environ,
-        "RAZORPAY_KEY_ID": state.razorpay_key_id,
-        "RAZORPAY_KEY_SECRET": state.razorpay_key_secret,
-        "RAZORPAY_BASE_URL": server.url,
-        "STRIPE_API_KEY": state.stripe_api_key,
-        "STRIPE_API_BASE": server.url,
+        **server.gateway_env(),
         "TIMEZONE": "UTC",
         "PYTHONUNBUFFERED": "1",
     }

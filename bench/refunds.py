@@ -263,14 +263,9 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 def worker_env(server: Any) -> dict[str, str]:
-    state = server.state
     return {
         **os.environ,
-        "RAZORPAY_KEY_ID": state.razorpay_key_id,
-        "RAZORPAY_KEY_SECRET": state.razorpay_key_secret,
-        "RAZORPAY_BASE_URL": server.url,
-        "STRIPE_API_KEY": state.stripe_api_key,
-        "STRIPE_API_BASE": server.url,
+        **server.gateway_env(),
         "PYTHONUNBUFFERED": "1",
     }
 

@@ -46,11 +46,7 @@ def main() -> int:
         state = server.state
         env = {
             **os.environ,
-            "RAZORPAY_KEY_ID": state.razorpay_key_id,
-            "RAZORPAY_KEY_SECRET": state.razorpay_key_secret,
-            "RAZORPAY_BASE_URL": server.url,
-            "STRIPE_API_KEY": state.stripe_api_key,
-            "STRIPE_API_BASE": server.url,
+            **server.gateway_env(),
             "GATEWAY_TIMEOUT_SECONDS": "2",
             "TASK_RETRY_BASE_SECONDS": "1",
         }

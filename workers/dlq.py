@@ -454,6 +454,18 @@ def replay(
             .with_for_update()
         )
     }
+    replayable = [
+        letter for letter in letters.values() if letter.status in ("NEW", "MANUAL_REVIEW")
+    ]
+    payloads = {letter.id: letter.payload for letter in replayable}
+    if edit is not None and replayable:
+        payloads[replayable[0].id] = validate_for(replayable[0].task_name, edit)
+    # The prechecks, one call per task for the whole selection (`--all` replays thousands).
+    answers: dict[int, str | None] = {}
+    for task_name in {letter.task_name for letter in replayable}:
+        group = [letter.id for letter in replayable if letter.task_name == task_name]
+        found = run_prechecks(session, task_name, [payloads[i] for i in group], actor)
+        answers.update(zip(group, found, strict=True))
     outcomes = []
     for letter_id in letter_ids:
         letter = letters.get(letter_id)
@@ -464,14 +476,13 @@ def replay(
             continue
         outcome = Outcome(letter_id, "", task_name=letter.task_name, payload=letter.payload)
         outcomes.append(outcome)
-        if letter.status not in ("NEW", "MANUAL_REVIEW"):
+        if letter_id not in payloads:
             outcome.outcome, outcome.detail = "skipped", f"it is {letter.status}"
             continue
-        payload = letter.payload
+        payload = payloads[letter_id]
         if edit is not None:
-            payload = validate_for(letter.task_name, edit)
             outcome.diff, outcome.payload = payload_diff(letter.payload, payload), payload
-        unnecessary = run_prechecks(session, letter.task_name, [payload], actor)[0]
+        unnecessary = answers[letter_id]
         if unnecessary is not None:
             outcome.outcome, outcome.detail = "unnecessary", unnecessary
             transition(

@@ -94,7 +94,7 @@ def test_dlq_replay_from_the_task_api_survives_a_retry_and_reports_back_once(
     simulator_server: Any,
     sim: Any,
 ) -> None:
-    start_worker(**worker_env(simulator_server, sim))
+    start_worker(**worker_env(simulator_server))
     refund_id = add_refund(sim, "stripe")
     letter_id = new_letter("refunds.submit", {"refund_id": refund_id})
     sim.add_fault("stripe.refund.create", "503", remaining=1)  # the replay is retried once

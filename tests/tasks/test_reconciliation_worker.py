@@ -37,7 +37,7 @@ SECRETS = {
 
 def env(server: Any, sim: Any) -> dict[str, str]:
     return {
-        **worker_env(server, sim),
+        **worker_env(server),
         **SECRETS,
         "TIMEZONE": "UTC",
         "RECONCILE_CATCHUP_DAYS": "1",

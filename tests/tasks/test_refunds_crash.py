@@ -115,7 +115,7 @@ def test_sigkilled_workers_lose_nothing_and_refund_nothing_twice(
         sim.add_fault("*.refund.create", kind, rate=rate, hang_seconds=1.5)
     sim.add_fault("*.refund.create", "latency", latency_ms=20)
     env = {
-        **worker_env(simulator_server, sim),
+        **worker_env(simulator_server),
         "TASK_RETRY_MAX_SECONDS": "2",
         "TASK_MAX_RETRIES": "50",
         "BROKER_VISIBILITY_TIMEOUT_SECONDS": "8",

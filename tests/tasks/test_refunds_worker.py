@@ -19,13 +19,9 @@ from workers.models import Refund
 pytestmark = pytest.mark.e2e
 
 
-def worker_env(server: Any, sim: Any) -> dict[str, str]:
+def worker_env(server: Any) -> dict[str, str]:
     return {
-        "RAZORPAY_KEY_ID": sim.razorpay_key_id,
-        "RAZORPAY_KEY_SECRET": sim.razorpay_key_secret,
-        "RAZORPAY_BASE_URL": server.url,
-        "STRIPE_API_KEY": sim.stripe_api_key,
-        "STRIPE_API_BASE": server.url,
+        **server.gateway_env(),
         "GATEWAY_TIMEOUT_SECONDS": "1",
         "TASK_RETRY_BASE_SECONDS": "0.3",
     }
@@ -39,7 +35,7 @@ def status(refund_id: int) -> str:
 def test_refunds_submit_by_name_survives_transient_faults_and_is_made_once(
     committed: Engine, start_worker: Callable[..., Proc], simulator_server: Any, sim: Any
 ) -> None:
-    worker = start_worker(**worker_env(simulator_server, sim))
+    worker = start_worker(**worker_env(simulator_server))
     rzp = add_refund(sim, "razorpay")
     stp = add_refund(sim, "stripe")
     # Each gateway fails the first two submissions: one refused, one lost after the effect.
@@ -63,7 +59,7 @@ def test_an_open_breaker_defers_the_task_without_spending_a_retry(
 ) -> None:
     from workers.gateways.breaker import make_breaker
 
-    worker = start_worker(**worker_env(simulator_server, sim), BREAKER_RESET_SECONDS="3")
+    worker = start_worker(**worker_env(simulator_server), BREAKER_RESET_SECONDS="3")
     make_breaker("stripe", fail_max=5, reset_seconds=3, redis=redis).open()  # shared state
     refund_id = add_refund(sim, "stripe")
     app.send_task("refunds.submit", kwargs={"refund_id": refund_id})
@@ -85,7 +81,7 @@ def test_a_chunk_of_rechecks_retries_only_the_refunds_that_got_no_answer(
     from workers.base import utcnow
     from workers.refunds import submit_refund
 
-    worker = start_worker(**worker_env(simulator_server, sim))
+    worker = start_worker(**worker_env(simulator_server))
     ids = []
     for name in ["razorpay", "stripe"] * 4:
         sim.set_refund_outcome(name, "pending")

@@ -35,7 +35,7 @@ def completed() -> int:
 def test_sigterm_finishes_what_it_holds_and_loses_nothing(
     committed: Engine, start_worker: Callable[..., Proc], simulator_server: Any, sim: Any
 ) -> None:
-    env = worker_env(simulator_server, sim)
+    env = worker_env(simulator_server)
     sim.add_fault("*.refund.create", "latency", latency_ms=300)
     ids = [add_refund(sim, "razorpay" if i % 2 else "stripe") for i in range(N)]
     first = start_worker(**env)

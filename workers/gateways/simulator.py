@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import itertools
 import json
-import logging
 import random
 import re
 import sys
@@ -20,12 +19,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import make_server
+
+from workers.local_server import BackgroundServer, serve_foreground
 
 RAZORPAY = "razorpay"
 STRIPE = "stripe"
@@ -1282,7 +1282,7 @@ def create_app(state: SimulatorState) -> Flask:
     return app
 
 
-class SimulatorServer:
+class SimulatorServer(BackgroundServer):
     """The simulator on a threaded werkzeug server in a daemon thread; `.url` is its base URL.
 
     Use as a context manager, or call `stop()`.
@@ -1291,34 +1291,18 @@ class SimulatorServer:
     def __init__(
         self, state: SimulatorState | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        _quiet_access_log()
         self.state = state if state is not None else SimulatorState()
-        self._server = make_server(host, port, create_app(self.state), threaded=True)
-        self.url = f"http://{host}:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="gateway-simulator", daemon=True
-        )
-        self._stopped = False
-        self._thread.start()
+        super().__init__(create_app(self.state), host, port, "gateway-simulator")
 
-    def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> SimulatorServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def gateway_env(self) -> dict[str, str]:
+        """The settings that point both gateways' real SDKs at this simulator."""
+        return {
+            "RAZORPAY_KEY_ID": self.state.razorpay_key_id,
+            "RAZORPAY_KEY_SECRET": self.state.razorpay_key_secret,
+            "RAZORPAY_BASE_URL": self.url,
+            "STRIPE_API_KEY": self.state.stripe_api_key,
+            "STRIPE_API_BASE": self.url,
+        }
 
 
 def serve(
@@ -1331,7 +1315,6 @@ def serve(
     setup: Callable[[SimulatorState], object] | None = None,
 ) -> None:
     """Run the simulator in the foreground until interrupted; `setup` prepares its state."""
-    _quiet_access_log()
     state = SimulatorState(
         razorpay_key_id=razorpay_key_id,
         razorpay_key_secret=razorpay_key_secret,
@@ -1339,20 +1322,6 @@ def serve(
     )
     if setup is not None:
         setup(state)
-    server = make_server(host, port, create_app(state), threaded=True)
-    print(
-        f"gateway simulator on http://{host}:{server.server_port} (control API under /_sim/)",
-        file=sys.stderr,
-        flush=True,
+    serve_foreground(
+        create_app(state), host, port, "gateway simulator on {url} (control API under /_sim/)"
     )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
-def _quiet_access_log() -> None:
-    # One access-log line per request would drown test and benchmark output.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -12,18 +12,16 @@ shows what arrived.
 
 from __future__ import annotations
 
-import logging
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.serving import make_server
+
+from workers.local_server import BackgroundServer, serve_foreground
 
 API_KEY = "sandbox-key"
 FAULT_KINDS = ("latency", "400", "429", "500", "502", "503", "timeout")
@@ -157,43 +155,14 @@ def create_app(state: SandboxState) -> Flask:
     return app
 
 
-def _quiet_access_log() -> None:
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-
-
-class SandboxServer:
+class SandboxServer(BackgroundServer):
     """The sandbox on a threaded werkzeug server in a daemon thread; `.url` is its base URL."""
 
     def __init__(
         self, state: SandboxState | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        _quiet_access_log()
         self.state = state if state is not None else SandboxState()
-        self._server = make_server(host, port, create_app(self.state), threaded=True)
-        self.url = f"http://{host}:{self._server.server_port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="notify-sandbox", daemon=True
-        )
-        self._stopped = False
-        self._thread.start()
-
-    def stop(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join()
-
-    def __enter__(self) -> SandboxServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().__init__(create_app(self.state), host, port, "notify-sandbox")
 
 
 def serve(
@@ -204,19 +173,7 @@ def serve(
     setup: Callable[[SandboxState], object] | None = None,
 ) -> None:
     """Run the sandbox in the foreground until interrupted; `setup` prepares its state."""
-    _quiet_access_log()
     state = SandboxState(api_key)
     if setup is not None:
         setup(state)
-    server = make_server(host, port, create_app(state), threaded=True)
-    print(
-        f"notification sandbox (SMS, push) on http://{host}:{server.server_port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_foreground(create_app(state), host, port, "notification sandbox (SMS, push) on {url}")
