@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     RECONCILE_CATCHUP_DAYS: Annotated[int, Field(ge=1, le=90)] = 7
     # Gateway list requests one run has in flight (its window is paged as hourly slices).
     RECONCILE_CONCURRENCY: Annotated[int, Field(ge=1, le=32)] = 4
+    # Pages of a listing compared in one query and committed together: every batch costs a
+    # query, a commit and the run's progress written; a crash re-reads at most one batch.
+    RECONCILE_BATCH_PAGES: Annotated[int, Field(ge=1, le=200)] = 50
     # A run is held by whoever works on it for this long, renewed with every commit; a run
     # whose worker died is resumed once this has passed.
     RECONCILE_LEASE_SECONDS: Annotated[int, Field(ge=30, le=3600)] = 300

@@ -34,6 +34,7 @@ def run_options(owner: str, actor: str = "reconciliation.run") -> RunOptions:
     return RunOptions(
         lease=timedelta(seconds=settings.RECONCILE_LEASE_SECONDS),
         concurrency=settings.RECONCILE_CONCURRENCY,
+        batch_pages=settings.RECONCILE_BATCH_PAGES,
         owner=owner,
         actor=actor,
     )

@@ -85,6 +85,7 @@ def run(gateways: tuple[str, ...], first_text: str, last_text: str, as_json: boo
     options = RunOptions(
         lease=timedelta(seconds=settings.RECONCILE_LEASE_SECONDS),
         concurrency=settings.RECONCILE_CONCURRENCY,
+        batch_pages=settings.RECONCILE_BATCH_PAGES,
         owner=new_owner("cli"),
         actor=actor[:128],
     )

@@ -65,9 +65,13 @@ def ts(at: datetime) -> int:
     return int(at.timestamp())
 
 
-def options(concurrency: int = 2, owner: str | None = None) -> RunOptions:
+def options(concurrency: int = 2, owner: str | None = None, batch_pages: int = 50) -> RunOptions:
     return RunOptions(
-        lease=LEASE, concurrency=concurrency, owner=owner or new_owner("test"), actor="test"
+        lease=LEASE,
+        concurrency=concurrency,
+        batch_pages=batch_pages,
+        owner=owner or new_owner("test"),
+        actor="test",
     )
 
 
@@ -494,6 +498,7 @@ def test_a_run_killed_mid_way_resumes_after_its_last_committed_page(
         RAZORPAY_KEY_SECRET=sim.razorpay_key_secret,
         RAZORPAY_BASE_URL=simulator_server.url,
         RECONCILE_CONCURRENCY="1",
+        RECONCILE_BATCH_PAGES="4",  # a commit every 4 of the 48 pages
         RECONCILE_LEASE_SECONDS="30",
         TIMEZONE="UTC",
     )
@@ -524,7 +529,7 @@ def test_a_run_killed_mid_way_resumes_after_its_last_committed_page(
     # Within the lease the dead worker still holds it; after it, the run resumes.
     assert reconcile(run_id, gateways.__getitem__, Clock(datetime.now(UTC))).outcome == "busy"
     later = Clock(datetime.now(UTC) + timedelta(seconds=31))
-    result = reconcile(run_id, gateways.__getitem__, later, options(concurrency=1))
+    result = reconcile(run_id, gateways.__getitem__, later, options(concurrency=1, batch_pages=4))
     assert result.outcome == "completed"
     assert result.counts["pages"] == 48
     assert result.counts["matched"] == result.counts["payments"] == 24 * per_hour

@@ -175,8 +175,8 @@ class RazorpayGateway:
         page = self._call(
             "payment.list", lambda: self._client.payment.all(query, timeout=self._timeout)
         )
-        items = [_payment(item) for item in page.get("items", [])]
-        return PaymentPage(items, str(skip + PAGE) if len(items) == PAGE else None)
+        entities = page.get("items", [])
+        return PaymentPage(entities, str(skip + PAGE) if len(entities) == PAGE else None, _payment)
 
 
 def _maybe_done(effectful: bool, message: str) -> Exception:

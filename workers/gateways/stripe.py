@@ -123,9 +123,9 @@ class StripeGateway:
             lambda: self._client.raw_request("get", "/v1/payment_intents", **params),
         )
         body = response.data
-        items = [_payment_dict(item) for item in body["data"]]
-        more = bool(body.get("has_more")) and bool(items)
-        return PaymentPage(items, items[-1].id if more else None)
+        entities = body["data"]
+        more = bool(body.get("has_more")) and bool(entities)
+        return PaymentPage(entities, entities[-1]["id"] if more else None, _payment_dict)
 
 
 def _sort(what: str, exc: stripe.StripeError) -> Exception:

@@ -27,6 +27,7 @@ class Lister:
         slices: list[tuple[datetime, datetime]],
         state: list[list[Any]],
         concurrency: int,
+        buffer: int,
     ) -> None:
         self.gateway = gateway
         self.slices = slices
@@ -34,7 +35,9 @@ class Lister:
         self.todo = list(self.cursors)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=2 * concurrency)
+        # Room for a whole batch and then some: the threads go on reading while the caller
+        # compares the batch before.
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=buffer + 2 * concurrency)
         self.threads = [
             threading.Thread(target=self._work, name=f"reconcile-list-{n}", daemon=True)
             for n in range(min(concurrency, len(self.todo)))
@@ -64,9 +67,10 @@ class Lister:
             self.queue.put(_DONE)
 
     def batches(self, max_pages: int) -> Iterator[list[tuple[int, PaymentPage]]]:
-        """Batches of (slice index, page): as many pages as have arrived, up to `max_pages`.
-        A page request that failed is raised once the pages before it were handed out; the
-        threads are stopped whenever the caller stops."""
+        """Batches of (slice index, page), `max_pages` each but the last: every batch costs a
+        query, a commit and the run's progress written, whatever its size. A page request
+        that failed is raised once the pages before it were handed out; the threads are
+        stopped whenever the caller stops."""
         for thread in self.threads:
             thread.start()
         running = len(self.threads)
@@ -82,12 +86,9 @@ class Lister:
                         error = error or item[1]
                     else:
                         batch.append(item)
-                    if len(batch) >= max_pages or error is not None:
+                    if len(batch) >= max_pages or error is not None or not running:
                         break
-                    try:
-                        item = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
+                    item = self.queue.get()
                 if batch:
                     yield batch
                 if error is not None:

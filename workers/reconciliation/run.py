@@ -41,6 +41,7 @@ from workers.reconciliation.compare import (
     IdSet,
     apply,
     compare,
+    compare_batch,
     load_seen,
     minute_of,
 )
@@ -59,7 +60,6 @@ from workers.refunds import defer_while_open
 
 log = logging.getLogger("backstop.reconciliation")
 
-BATCH_PAGES = 20  # pages compared in one query and committed together, at most
 SCAN_ROWS = 5_000  # database payments read at once in the check phase
 CHECK_CHUNK = 200  # unlisted database payments asked about at once
 
@@ -71,6 +71,7 @@ Progress = Callable[[RunState], None]
 class RunOptions:
     lease: timedelta
     concurrency: int  # gateway requests in flight at once
+    batch_pages: int  # listed pages compared in one query and committed together
     owner: str  # who holds the lease (unique per attempt)
     actor: str  # recorded on every transition
 
@@ -164,8 +165,8 @@ def list_and_compare(
     progress: Progress | None,
 ) -> None:
     slices = state.slice_state()
-    lister = Lister(gateway, state.slices(), slices, options.concurrency)
-    with contextlib.closing(lister.batches(BATCH_PAGES)) as batches:
+    lister = Lister(gateway, state.slices(), slices, options.concurrency, options.batch_pages)
+    with contextlib.closing(lister.batches(options.batch_pages)) as batches:
         for batch in batches:
             compare_pages(session, state, batch, slices, seen, clock(), options)
             if progress is not None:
@@ -187,7 +188,7 @@ def compare_pages(
 ) -> None:
     """One batch of pages in one transaction: compared in one query, written, and committed
     with the slices' cursors and the lease renewed."""
-    findings = compare(session, state, (p for _, page in batch for p in page.items), seen)
+    findings = compare_batch(session, state, [page for _, page in batch], seen)
     written = apply(session, state, findings, now, options.actor)
     for index, page in batch:
         slices[index] = [page.cursor, page.cursor is None]
