@@ -11,7 +11,10 @@ loaded set-based; the database is vacuumed and checkpointed before every run.
 1. Ours: `backstop reconcile --gateway G --from 2026-05-04 --json`, the product's command,
    as a child process: hourly slices paged RECONCILE_CONCURRENCY at a time, one query and one
    commit per batch of pages. Its report must name exactly the seeded differences.
-2. Baseline, the seeds' approach (`reconcileInBatches` with `findFirst` per payment): pages
+2. Listing alone, for the ceiling: the same hourly slices paged by the product's `Lister`
+   with the same threads and SDKs, each page's columns read, and nothing else: no database.
+   No reconciliation through these SDKs from this simulator on this machine can be faster.
+3. Baseline, the seeds' approach (`reconcileInBatches` with `findFirst` per payment): pages
    read one after the other, then for each payment one ORM query by gateway payment id, a
    transition and a discrepancy row where they differ; one commit per page (kinder than the
    seeds, which commit per statement). Also a child process.
@@ -317,6 +320,48 @@ def run_baseline(engine: Engine, server: Any, gateway: str, size: int) -> dict[s
     }
 
 
+def run_listing(server: Any, gateway: str, size: int) -> dict[str, Any]:
+    load_simulator(server.state, gateway, size)
+    result = spawn(
+        [
+            sys.executable,
+            "-c",
+            f"{PEAK}; sys.argv[0] = {str(Path(__file__).resolve())!r}; "
+            "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')",
+            "--listing-child",
+            gateway,
+        ],
+        child_env(server),
+    )
+    return {
+        "gateway": gateway,
+        "payments": result["payments"],
+        "seconds": result["seconds"],
+        "payments_per_s": round(result["payments"] / result["seconds"]),
+        **{key: result[key] for key in ("process", "others_cpu_s")},
+    }
+
+
+def listing_child(gateway: str) -> None:
+    """The window's pages read the way a run reads them, and nothing done with them."""
+    from config.settings import get_settings
+    from workers.gateways.registry import get_gateway
+    from workers.reconciliation.listing import Lister
+    from workers.reconciliation.runs import slices_of
+
+    adapter = get_gateway(gateway).adapter  # type: ignore[attr-defined]
+    slices = slices_of(START, START + timedelta(days=1))
+    lister = Lister(
+        adapter, slices, [[None, False] for _ in slices], get_settings().RECONCILE_CONCURRENCY, 50
+    )
+    payments = 0
+    started = time.perf_counter()
+    for batch in lister.batches(50):
+        payments += sum(len(page.columns().ids) for _, page in batch)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"payments": payments, "seconds": round(seconds, 2)}))
+
+
 def baseline_child(gateway: str) -> None:
     """The seeds' reconciliation: page after page, then one query per payment."""
     from sqlalchemy import insert, select
@@ -417,10 +462,12 @@ def report(results: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
             )
         small, large, base = runs["ours, small"], runs["ours, large"], runs["seeds' loop, small"]
         ratio = small["payments_per_s"] / base["payments_per_s"]
+        ceiling = runs["listing alone, small"]["payments_per_s"] / base["payments_per_s"]
         rss = large["process"]["peak_rss_mb"] / small["process"]["peak_rss_mb"]
         summary[gateway] = {
             "ratio": round(ratio, 1),
             "ratio_pass": ratio >= TARGET_RATIO,
+            "listing_alone_ratio": round(ceiling, 1),
             "rss_ratio": round(rss, 3),
             "rss_pass": rss <= TARGET_RSS,
             "correct": small["correct"] and large["correct"],
@@ -431,6 +478,10 @@ def report(results: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
             f"{sizes.large:,} / {sizes.small:,} = {rss:.3f} (<= {TARGET_RSS} "
             f"{verdict(rss <= TARGET_RSS)}); reports name exactly the seeded differences: "
             f"{verdict(summary[gateway]['correct'])}"
+        )
+        print(
+            f"  {gateway}: listing alone (no database) / seeds' loop = {ceiling:.1f}x: the most "
+            "any reconciliation reading these pages could reach here"
         )
         ms = base["ms_per_payment"]
         print(
@@ -453,9 +504,13 @@ def main() -> int:
     parser.add_argument("--gateway", action="append", choices=["razorpay", "stripe"])
     parser.add_argument("--latency-ms", type=int, default=0)
     parser.add_argument("--baseline-child", metavar="GATEWAY", help=argparse.SUPPRESS)
+    parser.add_argument("--listing-child", metavar="GATEWAY", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_child:
         baseline_child(args.baseline_child)
+        return 0
+    if args.listing_child:
+        listing_child(args.listing_child)
         return 0
     url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
     if not url or not url.startswith("postgresql") or not broker_url:
@@ -489,6 +544,8 @@ def main() -> int:
             for label, size in (("ours, small", sizes.small), ("ours, large", sizes.large)):
                 print(f"  {gateway}: {label} ({size:,}) ...", flush=True)
                 runs[gateway][label] = run_ours(engine, server, gateway, size)
+            print(f"  {gateway}: listing alone ({sizes.small:,}) ...", flush=True)
+            runs[gateway]["listing alone, small"] = run_listing(server, gateway, sizes.small)
             print(f"  {gateway}: seeds' loop ({sizes.baseline:,}) ...", flush=True)
             runs[gateway]["seeds' loop, small"] = run_baseline(
                 engine, server, gateway, sizes.baseline
