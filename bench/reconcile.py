@@ -295,20 +295,25 @@ def run_ours(engine: Engine, server: Any, gateway: str, size: int) -> dict[str, 
     }
 
 
-def run_baseline(engine: Engine, server: Any, gateway: str, size: int) -> dict[str, Any]:
-    load_simulator(server.state, gateway, size)
-    load_database(engine, gateway, size)
-    result = spawn(
+def spawn_self(role: str, gateway: str, server: Any) -> dict[str, Any]:
+    """This script again, as the child that plays `role` (`--baseline-child`, ...)."""
+    return spawn(
         [
             sys.executable,
             "-c",
             f"{PEAK}; sys.argv[0] = {str(Path(__file__).resolve())!r}; "
             "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')",
-            "--baseline-child",
+            role,
             gateway,
         ],
         child_env(server),
     )
+
+
+def run_baseline(engine: Engine, server: Any, gateway: str, size: int) -> dict[str, Any]:
+    load_simulator(server.state, gateway, size)
+    load_database(engine, gateway, size)
+    result = spawn_self("--baseline-child", gateway, server)
     return {
         "gateway": gateway,
         "payments": result["payments"],
@@ -322,17 +327,7 @@ def run_baseline(engine: Engine, server: Any, gateway: str, size: int) -> dict[s
 
 def run_listing(server: Any, gateway: str, size: int) -> dict[str, Any]:
     load_simulator(server.state, gateway, size)
-    result = spawn(
-        [
-            sys.executable,
-            "-c",
-            f"{PEAK}; sys.argv[0] = {str(Path(__file__).resolve())!r}; "
-            "import runpy; runpy.run_path(sys.argv[0], run_name='__main__')",
-            "--listing-child",
-            gateway,
-        ],
-        child_env(server),
-    )
+    result = spawn_self("--listing-child", gateway, server)
     return {
         "gateway": gateway,
         "payments": result["payments"],
