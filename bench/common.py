@@ -1,4 +1,5 @@
-"""What every benchmark prints first: the machine it ran on and the servers it measured."""
+"""What every benchmark shares: the services it needs, the machine it ran on and the servers it
+measured, and how a target reads."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def machine(engine: Engine, broker: redis.Redis) -> dict[str, Any]:
     print("          " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     print(f"redis:    {info['redis']}")
     return info
+
+
+def service_urls() -> tuple[str, str] | None:
+    """The private PostgreSQL and Redis `make bench` starts, or None (said on stdout)."""
+    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
+    if not url or not url.startswith("postgresql") or not broker_url:
+        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+        return None
+    return url, broker_url
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"

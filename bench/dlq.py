@@ -39,7 +39,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, service_urls  # noqa: E402
 from tests import processes  # noqa: E402
 
 TARGET_SECONDS = 10.0
@@ -329,10 +329,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10,000 letters, for a smoke run")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args()
-    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
-    if not url or not url.startswith("postgresql") or not broker_url:
-        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+    urls = service_urls()
+    if urls is None:
         return 2
+    url, broker_url = urls
     n = 10_000 if args.quick else 100_000
     subset = 1_000 if args.quick else 5_000
     from workers import celery_app  # noqa: F401  (replays are sent through the app)

@@ -41,7 +41,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, service_urls, verdict  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 from tests.smtp_sink import SmtpSink  # noqa: E402
@@ -191,19 +191,15 @@ def run_delivery(engine: Engine, broker: redis.Redis, sink: SmtpSink, n: int) ->
     }
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args()
-    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
-    if not url or not url.startswith("postgresql") or not broker_url:
-        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+    urls = service_urls()
+    if urls is None:
         return 2
+    url, broker_url = urls
     n = QUICK if args.quick else FULL
 
     with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="backstop-bench-") as folder:

@@ -53,7 +53,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, service_urls, verdict  # noqa: E402
 
 DAY = "2026-05-04"
 START = datetime(2026, 5, 4, tzinfo=UTC)
@@ -435,10 +435,6 @@ def baseline_child(gateway: str) -> None:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def report(results: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     print(
@@ -507,10 +503,10 @@ def main() -> int:
     if args.listing_child:
         listing_child(args.listing_child)
         return 0
-    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
-    if not url or not url.startswith("postgresql") or not broker_url:
-        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+    urls = service_urls()
+    if urls is None:
         return 2
+    url, broker_url = urls
     sizes = QUICK if args.quick else FULL
     gateways = args.gateway or ["razorpay", "stripe"]
 

@@ -50,7 +50,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine, service_urls, verdict  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 
@@ -442,10 +442,6 @@ def run_baseline(engine: Engine, broker: redis.Redis, backlog: Backlog, n: int) 
 # -- report ---------------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def per_refund_ms(run: dict[str, Any], part: str) -> float:
     return 1000 * run["cpu_s"][part] / max(run["completed"], 1)
 
@@ -564,10 +560,10 @@ def main() -> int:
         help="run this worker shape (repeatable; default: procfile)",
     )
     args = parser.parse_args()
-    url, broker_url = os.environ.get("DATABASE_URL"), os.environ.get("BROKER_URL")
-    if not url or not url.startswith("postgresql") or not broker_url:
-        print("bench: needs PostgreSQL DATABASE_URL and BROKER_URL; run `make bench`")
+    urls = service_urls()
+    if urls is None:
         return 2
+    url, broker_url = urls
     sizes = QUICK if args.quick else FULL
     shapes = tuple(args.shape) if args.shape else sizes.shapes
 
