@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Retry
+from celery.worker.request import Request
 from sqlalchemy.orm import Session
 
 from config import get_settings
@@ -75,20 +76,50 @@ class TaskContext:
 Body = Callable[..., Any]
 
 
+def redacted_repr(kwargs: Any, redacted: frozenset[str]) -> str:
+    """A payload's repr with the `redacted` fields shown only by their length."""
+    if not isinstance(kwargs, dict):
+        return f"<{type(kwargs).__name__}>"
+    return repr({k: f"<{len(str(v))} chars>" if k in redacted else v for k, v in kwargs.items()})
+
+
+class RedactingRequest(Request):  # type: ignore[misc]
+    """A message as the worker sees it. For a payload with fields that must not be shown (a
+    webhook's raw body and signature) the repr its sender put in the message, Celery's full
+    repr by default, is replaced as the message arrives: it is what the worker logs, announces
+    to Flower in `task-received`, and answers `celery inspect active|reserved` with (asked for
+    the arguments themselves, it gives that repr too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        redacted = getattr(getattr(self._task, "payload_model", None), "REDACTED", None)
+        self._redacted = bool(redacted)
+        if redacted:
+            given = self._args
+            shown = len(given) if isinstance(given, list | tuple) else type(given).__name__
+            self._argsrepr = f"<{shown} positional arguments>"
+            self._kwargsrepr = redacted_repr(self._kwargs, redacted)
+            # The task's own request (its failure and success log lines) is made from these.
+            self._request_dict["argsrepr"] = self._argsrepr
+            self._request_dict["kwargsrepr"] = self._kwargsrepr
+
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        return super().info(safe=safe or self._redacted)  # type: ignore[no-any-return]
+
+
 class BackstopTask(Task):  # type: ignore[misc]
     """The base of every backstop task. Set by the `task` decorator; not used directly."""
 
     payload_model: type[Payload] | None = None
     body: Body
+    Request = RedactingRequest
 
     def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
         redacted = getattr(self.payload_model, "REDACTED", None)
         if redacted:
             # Celery logs a failed task's kwargsrepr (the sender's repr of the payload).
-            request.kwargsrepr = repr(
-                {k: f"<{len(str(v))} chars>" if k in redacted else v for k, v in kwargs.items()}
-            )
+            request.kwargsrepr = redacted_repr(kwargs, redacted)
         try:
             payload = self.validate_payload(args, kwargs)
             with session_scope() as session:
