@@ -76,6 +76,29 @@ class RunOptions:
     actor: str  # recorded on every transition
 
 
+@dataclass
+class Work:
+    """A claimed run at work: what each of its steps reads and writes."""
+
+    session: Session
+    state: RunState
+    gateway: Gateway
+    seen: IdSet  # the payments compared so far
+    clock: Callable[[], datetime]
+    options: RunOptions
+    progress: Progress | None
+
+    def save(self, now: datetime | None = None) -> None:
+        """Write the run's progress, renew its lease, and commit."""
+        options = self.options
+        save_progress(self.session, self.state, options.owner, now or self.clock(), options.lease)
+        self.session.commit()
+
+    def show(self) -> None:
+        if self.progress is not None:
+            self.progress(self.state)
+
+
 def reconcile_run(
     session: Session,
     run_id: int,
@@ -129,12 +152,12 @@ def _reconcile(
         # round trips per call, a third of what a page costs, and a run stops at its first
         # failed request anyway, to be retried with backoff.
         gateway = getattr(guarded, "adapter", guarded)
-        seen = load_seen(session, run_id)
+        work = Work(session, state, gateway, load_seen(session, run_id), clock, options, progress)
         session.commit()
         if state.phase == "list":
-            list_and_compare(session, state, gateway, seen, clock, options, progress)
+            list_and_compare(work)
         if state.phase == "check":
-            check_unlisted(session, state, gateway, seen, clock, options, progress)
+            check_unlisted(work)
         finish(session, state, clock(), options)
     except LeaseLost:
         session.rollback()
@@ -155,59 +178,36 @@ def _reconcile(
     return RunResult(run_id, "completed", dict(state.counts))
 
 
-def list_and_compare(
-    session: Session,
-    state: RunState,
-    gateway: Gateway,
-    seen: IdSet,
-    clock: Callable[[], datetime],
-    options: RunOptions,
-    progress: Progress | None,
-) -> None:
+def list_and_compare(work: Work) -> None:
+    state, options = work.state, work.options
     slices = state.slice_state()
-    lister = Lister(gateway, state.slices(), slices, options.concurrency, options.batch_pages)
+    lister = Lister(work.gateway, state.slices(), slices, options.concurrency, options.batch_pages)
     with contextlib.closing(lister.batches(options.batch_pages)) as batches:
         for batch in batches:
-            compare_pages(session, state, batch, slices, seen, clock(), options)
-            if progress is not None:
-                progress(state)
+            compare_pages(work, batch, slices)
+            work.show()
     state.progress["phase"] = "check"
     state.progress["after"] = [state.window_start.isoformat(), 0]
-    save_progress(session, state, options.owner, clock(), options.lease)
-    session.commit()
+    work.save()
 
 
 def compare_pages(
-    session: Session,
-    state: RunState,
-    batch: list[tuple[int, PaymentPage]],
-    slices: list[list[Any]],
-    seen: IdSet,
-    now: datetime,
-    options: RunOptions,
+    work: Work, batch: list[tuple[int, PaymentPage]], slices: list[list[Any]]
 ) -> None:
     """One batch of pages in one transaction: compared in one query, written, and committed
     with the slices' cursors and the lease renewed."""
-    findings = compare_batch(session, state, [page for _, page in batch], seen)
-    written = apply(session, state, findings, now, options.actor)
+    session, state, now = work.session, work.state, work.clock()
+    findings = compare_batch(session, state, [page for _, page in batch], work.seen)
+    written = apply(session, state, findings, now, work.options.actor)
     for index, page in batch:
         slices[index] = [page.cursor, page.cursor is None]
     written["pages"] += len(batch)
     written["payments"] += written["matched"] + written["MISSING_IN_DB"] + written["other_attempts"]
     state.counts.update(written)
-    save_progress(session, state, options.owner, now, options.lease)
-    session.commit()
+    work.save(now)
 
 
-def check_unlisted(
-    session: Session,
-    state: RunState,
-    gateway: Gateway,
-    seen: IdSet,
-    clock: Callable[[], datetime],
-    options: RunOptions,
-    progress: Progress | None,
-) -> None:
+def check_unlisted(work: Work) -> None:
     """The window's database payments the listing did not show, asked about at the gateway.
     A payment with no gateway id that claims money moved (AUTHORIZED, COMPLETED) cannot be
     asked about: it is missing at the gateway as it stands. A PENDING or FAILED one without a
@@ -215,6 +215,7 @@ def check_unlisted(
 
     Only the minutes of the window where the database has more such payments than the listing
     compared are read: one grouped count finds them, usually none."""
+    session, state = work.session, work.state
     created = PAYMENTS.c.created_at
     in_window = (
         (PAYMENTS.c.gateway == state.gateway)
@@ -223,21 +224,11 @@ def check_unlisted(
     )
     if "ranges" not in state.progress:
         state.progress["ranges"] = unmatched_minutes(session, state, in_window)
-        save_progress(session, state, options.owner, clock(), options.lease)
-        session.commit()
+        work.save()
     for first, last in state.progress["ranges"]:
         low = state.window_start + timedelta(minutes=first)
         high = min(state.window_start + timedelta(minutes=last), state.window_end)
-        scan(
-            session,
-            state,
-            gateway,
-            seen,
-            clock,
-            options,
-            progress,
-            in_window & (created >= low) & (created < high),
-        )
+        scan(work, in_window & (created >= low) & (created < high))
 
 
 def unmatched_minutes(session: Session, state: RunState, in_window: Any) -> list[list[int]]:
@@ -263,18 +254,10 @@ def unmatched_minutes(session: Session, state: RunState, in_window: Any) -> list
     return ranges
 
 
-def scan(
-    session: Session,
-    state: RunState,
-    gateway: Gateway,
-    seen: IdSet,
-    clock: Callable[[], datetime],
-    options: RunOptions,
-    progress: Progress | None,
-    where: Any,
-) -> None:
+def scan(work: Work, where: Any) -> None:
     """Read the payments `where` selects, after the check phase's position, and ask about
     those the listing did not compare."""
+    session, state = work.session, work.state
     while True:
         after_at, after_id = state.progress["after"]
         rows = (
@@ -307,36 +290,26 @@ def scan(
         unlisted = [
             row
             for row in rows
-            if row.id not in seen and (row.gateway_payment_id or row.status in MONEY_MOVED)
+            if row.id not in work.seen and (row.gateway_payment_id or row.status in MONEY_MOVED)
         ]
         for start in range(0, len(unlisted), CHECK_CHUNK):
-            chunk = unlisted[start : start + CHECK_CHUNK]
-            check_chunk(session, state, gateway, chunk, seen, clock, options)
-            if progress is not None:
-                progress(state)
+            check_chunk(work, unlisted[start : start + CHECK_CHUNK])
+            work.show()
         last = rows[-1]
         state.progress["after"] = [last.created_at.isoformat(), last.id]
-        save_progress(session, state, options.owner, clock(), options.lease)
-        session.commit()
+        work.save()
 
 
-def check_chunk(
-    session: Session,
-    state: RunState,
-    gateway: Gateway,
-    rows: list[Any],
-    seen: IdSet,
-    clock: Callable[[], datetime],
-    options: RunOptions,
-) -> None:
-    answers = ask(gateway, [row.gateway_payment_id for row in rows], options.concurrency)
+def check_chunk(work: Work, rows: list[Any]) -> None:
+    session, state = work.session, work.state
+    ids = [row.gateway_payment_id for row in rows]
+    answers = ask(work.gateway, ids, work.options.concurrency)
     for answer in answers.values():
         if isinstance(answer, Exception) and not isinstance(answer, GatewayNotFound):
             raise answer  # this chunk is asked again by the next attempt
-    now = clock()
-    findings = compare(
-        session, state, [a for a in answers.values() if isinstance(a, GatewayPayment)], seen
-    )
+    now = work.clock()
+    listed = [answer for answer in answers.values() if isinstance(answer, GatewayPayment)]
+    findings = compare(session, state, listed, work.seen)
     findings.counts["unlisted"] += len(rows)
     for row in rows:
         if isinstance(answers.get(row.gateway_payment_id or ""), GatewayPayment):
@@ -351,11 +324,10 @@ def check_chunk(
             currency=row.currency,
             created_at=row.created_at.isoformat(),
         )
-    state.counts.update(apply(session, state, findings, now, options.actor))
+    state.counts.update(apply(session, state, findings, now, work.options.actor))
     last = rows[-1]
     state.progress["after"] = [last.created_at.isoformat(), last.id]
-    save_progress(session, state, options.owner, now, options.lease)
-    session.commit()
+    work.save(now)
 
 
 def ask(
