@@ -123,3 +123,21 @@ def test_calls_through_a_closed_breaker_run_at_once_and_still_count(
         thread.join()
     assert len(errors) == 3 and all(isinstance(e, GatewayTransient) for e in errors)
     assert gateway.state() == "open"
+
+
+def test_without_redis_a_breaker_keeps_its_own_state_and_knows_when_it_opened(
+    sim: Any, gateways: dict[str, Any]
+) -> None:
+    breakers = Breakers("razorpay", fail_max=2, reset_seconds=30, redis=None)
+    gateway = GuardedGateway(gateways["razorpay"], breakers)
+    payment = sim.add_payment("razorpay", amount=100, currency="INR")["id"]
+    sim.add_fault("razorpay.refund.create", "503")
+    assert gateway.open_for() == 0
+    for _ in range(2):
+        with pytest.raises(GatewayTransient):
+            gateway.submit_refund(request(payment))
+    assert gateway.state() == "open" and 29 < gateway.open_for() <= 30
+    other = GuardedGateway(
+        gateways["razorpay"], Breakers("razorpay", fail_max=2, reset_seconds=30, redis=None)
+    )
+    assert other.state() == "closed" and other.open_for() == 0

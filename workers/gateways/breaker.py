@@ -28,23 +28,30 @@ from workers.gateways.base import (
 T = TypeVar("T")
 
 
-def make_breaker(
-    name: str, *, fail_max: int, reset_seconds: float, redis: Any | None
-) -> pybreaker.CircuitBreaker:
+class Breaker(pybreaker.CircuitBreaker):
+    """pybreaker's breaker, keeping the storage it was given in sight: when the breaker opened
+    is the storage's to say (`opened_at`), and the breaker has no public way to ask it."""
+
+    def __init__(self, storage: pybreaker.CircuitBreakerStorage, **options: Any) -> None:
+        super().__init__(state_storage=storage, **options)
+        self.storage = storage
+
+
+def make_breaker(name: str, *, fail_max: int, reset_seconds: float, redis: Any | None) -> Breaker:
     """`redis` shares the state between processes; without it (the embedded default) each
     process keeps its own."""
-    storage = (
+    storage: pybreaker.CircuitBreakerStorage = (
         pybreaker.CircuitRedisStorage(
             pybreaker.STATE_CLOSED, redis, namespace=f"backstop:breaker:{name}"
         )
         if redis is not None
-        else None
+        else pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
     )
-    return pybreaker.CircuitBreaker(
+    return Breaker(
+        storage,
         fail_max=fail_max,
         reset_timeout=reset_seconds,
         exclude=[GatewayPermanent],
-        state_storage=storage,
         name=name,
         # The call that trips the breaker must still tell its own outcome: a lost response
         # is not "nothing was sent".
@@ -71,7 +78,7 @@ class Breakers:
         self._shared = self._make() if redis is None else None
         self._local = threading.local()
 
-    def __call__(self) -> pybreaker.CircuitBreaker:
+    def __call__(self) -> Breaker:
         if self._shared is not None:
             return self._shared
         breaker = getattr(self._local, "breaker", None)
@@ -83,7 +90,7 @@ class Breakers:
 class GuardedGateway:
     """A gateway whose every call goes through its breaker."""
 
-    def __init__(self, gateway: Gateway, breakers: Callable[[], pybreaker.CircuitBreaker]) -> None:
+    def __init__(self, gateway: Gateway, breakers: Callable[[], Breaker]) -> None:
         self._gateway, self._breakers = gateway, breakers
         self.name, self.key_ttl = gateway.name, gateway.key_ttl
 
@@ -94,14 +101,14 @@ class GuardedGateway:
         return self._gateway
 
     @property
-    def breaker(self) -> pybreaker.CircuitBreaker:
+    def breaker(self) -> Breaker:
         return self._breakers()
 
     def open_for(self) -> float:
         """Seconds until the breaker lets a trial call through; 0 when calls may go now."""
         if self.breaker.current_state != pybreaker.STATE_OPEN:
             return 0.0
-        opened = self.breaker._state_storage.opened_at
+        opened = self.breaker.storage.opened_at
         if opened is None:
             return 0.0
         return max(0.0, opened.timestamp() + self.breaker.reset_timeout - time.time())
