@@ -276,7 +276,7 @@ def triage_batch(
         return 0
     # (to status, rule, reason) -> ids; replays by task, for their prechecks.
     decided: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-    replays: dict[str, list[Any]] = defaultdict(list)
+    replays: dict[str, list[tuple[Any, str]]] = defaultdict(list)  # (row, the rule's name)
     resolutions: dict[int, str] = {}  # what each precheck said, letter by letter
     for row in rows:
         rule = match(row, policy.rules)
@@ -291,22 +291,22 @@ def triage_batch(
             reason = f"out of automatic replays ({row.replays} of {policy.replay_budget})"
             decided[("MANUAL_REVIEW", rule.name, reason)].append(row.id)
         else:
-            replays[row.task_name].append(row)
+            replays[row.task_name].append((row, rule.name))
 
     payloads = dict(
         session.execute(
             select(DeadLetter.id, DeadLetter.payload).where(
-                DeadLetter.id.in_([row.id for letters in replays.values() for row in letters])
+                DeadLetter.id.in_([row.id for letters in replays.values() for row, _ in letters])
             )
         ).all()
         if replays
         else []
     )
     for task_name, letters in replays.items():
-        answers = run_prechecks(session, task_name, [payloads[row.id] for row in letters], actor)
-        for row, unnecessary in zip(letters, answers, strict=True):
+        answers = run_prechecks(session, task_name, [payloads[row.id] for row, _ in letters], actor)
+        for (row, rule_name), unnecessary in zip(letters, answers, strict=True):
             if unnecessary is None:
-                decided[("RETRYING", "transient", "replayed automatically")].append(row.id)
+                decided[("RETRYING", rule_name, "replayed automatically")].append(row.id)
             else:
                 counts.unnecessary += 1
                 resolutions[row.id] = f"replay unnecessary: {unnecessary}"

@@ -125,6 +125,7 @@ def test_triage_sorts_each_letter_by_the_first_rule_that_matches(
     assert row(old).status == "MANUAL_REVIEW"  # transient, but older than DLQ_MANUAL_AFTER
     # A provider code the worker sorted as permanent is re-classified by its rule and replayed.
     assert (row(busy).classification, row(busy).status) == ("TRANSIENT", "RETRYING")
+    assert (row(busy).rule, row(transient).rule) == ("razorpay-busy", "transient")
     assert counts.as_dict() == {
         "replayed": 2,
         "manual_review": 3,
