@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
-from tests.conftest import wait_until
+from tests.conftest import service_env, wait_until
+from tests.metrics_helpers import exporter
 from tests.processes import Proc
 from tests.workers.factories import add_hold
 from workers.celery_app import app
@@ -39,3 +41,12 @@ def test_a_production_worker_logs_json_lines_bound_to_the_task(
 def session_get_status(hold: int) -> str:
     with session_scope() as session:
         return session.get(BookingHold, hold).status
+
+
+def test_the_metrics_exporter_logs_in_the_format_the_workers_do(tmp_path: Path) -> None:
+    proc, _ = exporter(service_env(LOG_FORMAT="json"), tmp_path / "exporter.log")
+    try:
+        lines = [line for line in proc.output().splitlines() if '"metrics.serving"' in line]
+        assert lines and json.loads(lines[0])["level"] == "INFO"
+    finally:
+        assert proc.stop() == 0, proc.output()[-2000:]

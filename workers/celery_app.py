@@ -34,9 +34,7 @@ metrics.install()
 
 @signals.setup_logging.connect
 def _setup_logging(loglevel: int | str | None = None, **_: Any) -> None:
-    # LOG_LEVEL, when set, wins over the command line's --loglevel.
-    settings = get_settings()
-    logs.configure(settings.LOG_LEVEL or loglevel or "INFO", settings.LOG_FORMAT)
+    logs.configure(get_settings(), loglevel)
 
 
 @signals.worker_process_init.connect

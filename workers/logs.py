@@ -13,6 +13,8 @@ from typing import Any
 
 from pythonjsonlogger import json as jsonlogger
 
+from config import Settings
+
 _task: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "backstop_task", default=None
 )
@@ -74,15 +76,16 @@ class JsonFormatter(jsonlogger.JsonFormatter):  # type: ignore[misc]
         )
 
 
-def configure(level: int | str = "INFO", fmt: str = "text") -> None:
-    """Install backstop's handler on the root logger (Celery's own setup is switched off):
-    `text` (readable, `make run`) or `json` (production)."""
+def configure(settings: Settings, default_level: int | str | None = None) -> None:
+    """Install backstop's handler on the root logger (Celery's own setup is switched off), in
+    LOG_FORMAT: `text` (readable, `make run`) or `json` (production). LOG_LEVEL, when set, wins
+    over `default_level` (a command line's --loglevel); INFO without either."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(TaskContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.setFormatter(JsonFormatter() if settings.LOG_FORMAT == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(settings.LOG_LEVEL or default_level or "INFO")
     # celery.worker.strategy logs every message body at INFO; task start and end are enough.
     for noisy in ("sqlalchemy.engine", "amqp", "kombu", "celery.worker.strategy", "stripe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -20,5 +20,5 @@ def metrics(address: str, port: int) -> None:
     from workers.business_metrics import serve
 
     settings = get_settings()
-    logs.configure(settings.LOG_LEVEL or "INFO")
+    logs.configure(settings)  # the exporter logs like the workers: LOG_LEVEL, LOG_FORMAT
     serve(settings, address, port)
