@@ -3,13 +3,94 @@ in a background thread for tests and benches, or in the foreground for `make run
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+import random
 import sys
 import threading
+from collections import Counter
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
 
 from werkzeug.serving import make_server
+
+
+@dataclass
+class FaultRule:
+    """Inject `kind` into a fraction `rate` of the requests to endpoints matching `endpoint`
+    (`*` wildcards)."""
+
+    endpoint: str
+    kind: str
+    rate: float = 1.0
+    latency_ms: int = 0
+    hang_seconds: float = 3.0
+    remaining: int | None = None  # None: no limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Admission:
+    """What a request gets: the latency to add (outside any lock), and the fault to answer
+    with, if any."""
+
+    latency_seconds: float = 0.0
+    fault: FaultRule | None = None
+
+
+class Faults:
+    """A stand-in's fault rules, thread-safe, with a seeded RNG so that a run's faults can be
+    replayed. Every matching latency rule that fires adds up; the first other rule that fires
+    decides the outcome."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+        self._injected: Counter[str] = Counter()
+        self._rng = random.Random(seed)
+
+    def seed(self, seed: int) -> None:
+        with self._lock:
+            self._rng = random.Random(seed)
+
+    def add(self, rule: FaultRule) -> dict[str, Any]:
+        with self._lock:
+            self._rules.append(rule)
+            return rule.to_dict()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+
+    def rules(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [rule.to_dict() for rule in self._rules]
+
+    def injected(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._injected)
+
+    def admit(self, endpoint: str) -> Admission:
+        admission = Admission()
+        with self._lock:
+            for rule in self._rules:
+                if rule.remaining == 0 or not fnmatch.fnmatchcase(endpoint, rule.endpoint):
+                    continue
+                if admission.fault is not None and rule.kind != "latency":
+                    continue
+                if self._rng.random() >= rule.rate:
+                    continue
+                if rule.remaining is not None:
+                    rule.remaining -= 1
+                self._injected[rule.kind] += 1
+                if rule.kind == "latency":
+                    admission.latency_seconds += rule.latency_ms / 1000
+                else:
+                    admission.fault = rule
+        return admission
 
 
 def quiet_access_log() -> None:

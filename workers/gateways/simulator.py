@@ -11,21 +11,26 @@ import hashlib
 import hmac
 import itertools
 import json
-import random
 import re
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from workers.local_server import BackgroundServer, serve_foreground
+from workers.local_server import (
+    Admission,
+    BackgroundServer,
+    FaultRule,
+    Faults,
+    serve_foreground,
+)
 
 RAZORPAY = "razorpay"
 STRIPE = "stripe"
@@ -139,27 +144,6 @@ class _IdempotencyRecord:
     response: dict[str, Any]
 
 
-@dataclass
-class FaultRule:
-    """Inject `kind` into a fraction `rate` of the requests to endpoints matching `endpoint`."""
-
-    endpoint: str
-    kind: str
-    rate: float = 1.0
-    latency_ms: int = 0
-    hang_seconds: float = 3.0
-    remaining: int | None = None  # None: no limit
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class _Admission:
-    latency_seconds: float = 0.0
-    fault: FaultRule | None = None
-
-
 def _sort_key(payment: _Payment) -> tuple[int, str]:
     return (payment.created, payment.id)
 
@@ -187,7 +171,7 @@ class SimulatorState:
         self._clear()
 
     def _clear(self) -> None:
-        self._rng = random.Random(self._seed)
+        self._faults = Faults(self._seed)
         self._clock_offset = 0.0
         self._ids = itertools.count(1)
         self._payments: dict[str, dict[str, _Payment]] = {gw: {} for gw in GATEWAYS}
@@ -197,9 +181,7 @@ class SimulatorState:
         self._refund_order: dict[str, list[str]] = {gw: [] for gw in GATEWAYS}
         self._idempotency: dict[tuple[str, str], _IdempotencyRecord] = {}
         self._refund_outcome = {RAZORPAY: "processed", STRIPE: "succeeded"}
-        self._faults: list[FaultRule] = []
         self._requests: Counter[str] = Counter()
-        self._faults_injected: Counter[str] = Counter()
         self._refunds_created = 0
         self._by_key: Counter[str] = Counter()
         self._by_reference: Counter[str] = Counter()
@@ -218,7 +200,7 @@ class SimulatorState:
             raise ValueError("seed must be an integer")
         with self._lock:
             self._seed = seed
-            self._rng = random.Random(seed)
+            self._faults.seed(seed)
 
     def now(self) -> float:
         return time.time() + self._clock_offset
@@ -360,9 +342,7 @@ class SimulatorState:
         if remaining is not None and (not _is_int(remaining) or remaining < 1):
             raise ValueError("remaining must be a positive integer or null")
         rule = FaultRule(endpoint, kind, float(rate), latency_ms, float(hang_seconds), remaining)
-        with self._lock:
-            self._faults.append(rule)
-            return rule.to_dict()
+        return self._faults.add(rule)
 
     def after_request(
         self, endpoint: str, callback: Callable[[SimulatorState], object], *, nth: int = 1
@@ -388,12 +368,10 @@ class SimulatorState:
             callback(self)
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
+        self._faults.clear()
 
     def faults(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [rule.to_dict() for rule in self._faults]
+        return self._faults.rules()
 
     def set_refund_outcome(self, gateway: str, status: str) -> None:
         """The status new refunds of `gateway` are created with."""
@@ -517,32 +495,16 @@ class SimulatorState:
         with self._lock:
             return {
                 "requests": dict(self._requests),
-                "faults_injected": dict(self._faults_injected),
+                "faults_injected": self._faults.injected(),
             }
 
     # -- fault decisions ----------------------------------------------------------------------
 
-    def _admit(self, endpoint: str) -> _Admission:
-        """Count a request and decide its faults: every matching latency rule that fires adds
-        up; the first other rule that fires decides the outcome."""
-        admission = _Admission()
+    def _admit(self, endpoint: str) -> Admission:
+        """Count a request and decide its faults."""
         with self._lock:
             self._requests[endpoint] += 1
-            for rule in self._faults:
-                if rule.remaining == 0 or not fnmatch.fnmatchcase(endpoint, rule.endpoint):
-                    continue
-                if admission.fault is not None and rule.kind != "latency":
-                    continue
-                if self._rng.random() >= rule.rate:
-                    continue
-                if rule.remaining is not None:
-                    rule.remaining -= 1
-                self._faults_injected[rule.kind] += 1
-                if rule.kind == "latency":
-                    admission.latency_seconds += rule.latency_ms / 1000
-                else:
-                    admission.fault = rule
-        return admission
+        return self._faults.admit(endpoint)
 
     # -- entities -----------------------------------------------------------------------------
 

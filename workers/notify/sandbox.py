@@ -16,27 +16,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from workers.local_server import BackgroundServer, serve_foreground
+from workers.local_server import BackgroundServer, FaultRule, Faults, serve_foreground
 
 API_KEY = "sandbox-key"
 FAULT_KINDS = ("latency", "400", "429", "500", "502", "503", "timeout")
-
-
-@dataclass
-class Fault:
-    """Inject `kind` into requests to `endpoint` ("sms", "push" or "*"); `remaining` None is
-    every request."""
-
-    endpoint: str
-    kind: str
-    remaining: int | None = None
-    latency_ms: int = 0
-    hang_seconds: float = 3.0
 
 
 class SandboxState:
@@ -48,23 +35,22 @@ class SandboxState:
         self.reset()
 
     def reset(self) -> None:
-        with getattr(self, "_lock", threading.Lock()):
+        with self._lock:
             self.delivered: list[dict[str, Any]] = []
             self.requests: Counter[str] = Counter()
             self.by_key: dict[str, tuple[int, dict[str, Any]]] = {}
             self.unregistered: set[str] = set()
-            self.faults: list[Fault] = []
-            self.injected: Counter[str] = Counter()
+            self.faults = Faults()
 
     def add_fault(self, endpoint: str, kind: str, **options: Any) -> None:
+        """Inject `kind` into requests to `endpoint` ("sms", "push" or "*"); options as
+        `FaultRule`'s (`remaining`, `latency_ms`, `hang_seconds`, `rate`)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; one of {FAULT_KINDS}")
-        with self._lock:
-            self.faults.append(Fault(endpoint, kind, **options))
+        self.faults.add(FaultRule(endpoint, kind, **options))
 
     def clear_faults(self) -> None:
-        with self._lock:
-            self.faults.clear()
+        self.faults.clear()
 
     def unregister(self, *tokens: str) -> None:
         with self._lock:
@@ -80,32 +66,18 @@ class SandboxState:
             return {
                 "delivered": len(self.delivered),
                 "requests": dict(self.requests),
-                "faults_injected": dict(self.injected),
+                "faults_injected": self.faults.injected(),
                 "duplicate_keys": sorted(key for key, count in keys.items() if count > 1),
             }
-
-    def _fault(self, endpoint: str) -> Fault | None:
-        with self._lock:
-            for fault in self.faults:
-                if fault.endpoint not in (endpoint, "*"):
-                    continue
-                if fault.remaining is not None:
-                    if fault.remaining <= 0:
-                        continue
-                    fault.remaining -= 1
-                self.injected[fault.kind] += 1
-                if fault.kind == "latency":
-                    time.sleep(fault.latency_ms / 1000)
-                    continue
-                return fault
-        return None
 
     def handle(self, endpoint: str, body: dict[str, Any], key: str | None) -> tuple[int, dict]:
         with self._lock:
             self.requests[endpoint] += 1
             if key and key in self.by_key:
                 return self.by_key[key]
-        fault = self._fault(endpoint)
+        admission = self.faults.admit(endpoint)
+        time.sleep(admission.latency_seconds)  # no lock held: other requests go on meanwhile
+        fault = admission.fault
         if fault is not None:
             if fault.kind == "timeout":
                 time.sleep(fault.hang_seconds)
