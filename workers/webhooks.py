@@ -192,8 +192,7 @@ def apply_payment(session: Session, event: Event, now: datetime) -> str:
     entity, provider = event.entity, event.provider
     gateway_id = str(entity["id"])
     raw = str(entity["status"])
-    # A Razorpay payment refunded in full reads `refunded`: it was captured.
-    theirs = "COMPLETED" if raw == "refunded" else payment_status(provider, raw)
+    theirs = payment_status(provider, raw)
     row = session.execute(
         select(Payment)
         .where(Payment.gateway == provider, Payment.gateway_payment_id == gateway_id)

@@ -20,7 +20,7 @@ from tests.processes import Proc
 from tests.workers.factories import CAPTURED, CURRENCY
 from workers.db import new_session, session_scope
 from workers.errors import PermanentError
-from workers.gateways.base import GatewayTransient
+from workers.gateways.base import GatewayTransient, RefundRequest
 from workers.gateways.razorpay import RazorpayGateway
 from workers.gateways.stripe import StripeGateway
 from workers.models import (
@@ -318,6 +318,31 @@ def test_an_order_paid_on_the_second_attempt_learns_its_payment(
     assert findings(run_id) == {("STATUS_MISMATCH", row, captured, True)}
     assert result.counts["linked"] == 1 and result.counts["other_attempts"] == 1
     assert failed not in {gateway_id for _, _, gateway_id, _ in findings(run_id)}
+
+
+def test_a_razorpay_payment_refunded_in_full_was_captured(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    at = START + timedelta(hours=9)
+    settled_id, settled = both(sim, "razorpay", at)
+    pending_id = paid(sim, "razorpay", at + timedelta(minutes=1))
+    pending = ours("razorpay", pending_id, at + timedelta(minutes=1), status="PENDING")
+    for n, gateway_id in enumerate((settled_id, pending_id), start=1):
+        request = RefundRequest(
+            refund_id=n,
+            idempotency_key=f"full-{n}-0123456789",
+            amount=5_000,
+            gateway_payment_id=gateway_id,
+            currency="INR",
+            reason=None,
+        )
+        gateways["razorpay"].submit_refund(request)
+    answer = gateways["razorpay"].fetch_payment(settled_id)
+    assert (answer.raw_status, answer.status) == ("refunded", "COMPLETED")
+    run_id = new_run("razorpay")
+    reconcile(run_id, gateways.__getitem__)
+    assert status_of(settled) == status_of(pending) == "COMPLETED"
+    assert findings(run_id) == {("STATUS_MISMATCH", pending, pending_id, True)}
 
 
 def test_a_failed_request_keeps_the_progress_and_the_retry_resumes(

@@ -38,8 +38,15 @@ class OutcomeUnknown(TransientError):
     after sending): resolve by asking the gateway, never by sending a new request blindly."""
 
 
-# Contract section 3: gateway statuses to ours. Anything unlisted is still in progress.
-RAZORPAY_PAYMENT = {"captured": "COMPLETED", "authorized": "AUTHORIZED", "failed": "FAILED"}
+# Contract section 3: gateway statuses to ours. Anything unlisted is still in progress. A
+# Razorpay payment refunded in full reads `refunded`: it was captured, and its refunds are the
+# refunds table's business.
+RAZORPAY_PAYMENT = {
+    "captured": "COMPLETED",
+    "refunded": "COMPLETED",
+    "authorized": "AUTHORIZED",
+    "failed": "FAILED",
+}
 RAZORPAY_REFUND = {"processed": "COMPLETED", "failed": "FAILED", "pending": "PROCESSING"}
 STRIPE_PAYMENT = {"succeeded": "COMPLETED", "requires_capture": "AUTHORIZED", "canceled": "FAILED"}
 STRIPE_REFUND = {
@@ -51,9 +58,11 @@ STRIPE_REFUND = {
 }
 
 
+PAYMENT_STATUSES = {"razorpay": RAZORPAY_PAYMENT, "stripe": STRIPE_PAYMENT}
+
+
 def payment_status(gateway: str, raw: str) -> str:
-    table = RAZORPAY_PAYMENT if gateway == "razorpay" else STRIPE_PAYMENT
-    return table.get(raw, "PENDING")
+    return PAYMENT_STATUSES[gateway].get(raw, "PENDING")
 
 
 def refund_status(gateway: str, raw: str) -> str:

@@ -39,7 +39,12 @@ from sqlalchemy.orm import Session
 from workers.db import is_postgres
 from workers.db.arrays import int_array, text_array
 from workers.db.transitions import MACHINES, BatchTransition
-from workers.gateways.base import RAZORPAY_PAYMENT, STRIPE_PAYMENT, GatewayPayment, PaymentPage
+from workers.gateways.base import (
+    PAYMENT_STATUSES,
+    GatewayPayment,
+    PaymentPage,
+    payment_status,
+)
 from workers.models import Payment, ReconciliationDiscrepancy, ReconciliationSeen, UTCDateTime
 from workers.reconciliation.runs import RunState
 
@@ -49,18 +54,9 @@ MONEY_MOVED = ("AUTHORIZED", "COMPLETED")
 RANK = {"COMPLETED": 3, "AUTHORIZED": 2, "PENDING": 1, "FAILED": 0}
 
 
-# The gateway's payment statuses in ours, for comparing (anything unlisted is in progress). A
-# Razorpay payment refunded in full reads `refunded`: it was captured, and its refunds are the
-# refunds table's business.
-STATUSES = {
-    "razorpay": {**RAZORPAY_PAYMENT, "refunded": "COMPLETED"},
-    "stripe": STRIPE_PAYMENT,
-}
-
-
 def gateway_status(gateway: str, payment: GatewayPayment) -> str:
     """The gateway's answer in our statuses."""
-    return STATUSES[gateway].get(payment.raw_status, "PENDING")
+    return payment_status(gateway, payment.raw_status)
 
 
 class IdSet:
@@ -279,7 +275,7 @@ def compare_batch(
         raw_statuses = [raw_statuses[n] for n in keep]
         amounts = [amounts[n] for n in keep]
         currencies = [currencies[n] for n in keep]
-    statuses = STATUSES[state.gateway]
+    statuses = PAYMENT_STATUSES[state.gateway]
     agreed, minutes, others = (
         session.connection()
         .execute(
