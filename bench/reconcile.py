@@ -361,14 +361,16 @@ def listing_child(gateway: str) -> None:
     from workers.reconciliation.listing import Lister
     from workers.reconciliation.runs import slices_of
 
+    settings = get_settings()
     adapter = get_gateway(gateway).adapter  # type: ignore[attr-defined]
     slices = slices_of(START, START + timedelta(days=1))
+    state = [[None, False] for _ in slices]
     lister = Lister(
-        adapter, slices, [[None, False] for _ in slices], get_settings().RECONCILE_CONCURRENCY, 50
+        adapter, slices, state, settings.RECONCILE_CONCURRENCY, settings.RECONCILE_BATCH_PAGES
     )
     payments = 0
     started = time.perf_counter()
-    for batch in lister.batches(50):
+    for batch in lister.batches():
         payments += sum(len(page.columns().ids) for _, page in batch)
     seconds = time.perf_counter() - started
     print(json.dumps({"payments": payments, "seconds": round(seconds, 2)}))

@@ -5,7 +5,6 @@ stopped."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -30,14 +29,7 @@ NIGHTLY = "reconciliation.nightly"
 
 
 def run_options(owner: str, actor: str = "reconciliation.run") -> RunOptions:
-    settings = get_settings()
-    return RunOptions(
-        lease=timedelta(seconds=settings.RECONCILE_LEASE_SECONDS),
-        concurrency=settings.RECONCILE_CONCURRENCY,
-        batch_pages=settings.RECONCILE_BATCH_PAGES,
-        owner=owner,
-        actor=actor,
-    )
+    return RunOptions.from_settings(get_settings(), owner=owner, actor=actor)
 
 
 @task(NIGHTLY)

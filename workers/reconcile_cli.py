@@ -7,7 +7,7 @@ import getpass
 import json
 import socket
 import sys
-from datetime import date, timedelta
+from datetime import date
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -82,13 +82,7 @@ def run(gateways: tuple[str, ...], first_text: str, last_text: str, as_json: boo
             session, chosen, first, last, zone=zone, now=utcnow(), actor=actor[:128]
         )
         estimate = estimate_pages(session, chosen, first, last, zone)
-    options = RunOptions(
-        lease=timedelta(seconds=settings.RECONCILE_LEASE_SECONDS),
-        concurrency=settings.RECONCILE_CONCURRENCY,
-        batch_pages=settings.RECONCILE_BATCH_PAGES,
-        owner=new_owner("cli"),
-        actor=actor[:128],
-    )
+    options = RunOptions.from_settings(settings, owner=new_owner("cli"), actor=actor[:128])
     results: list[dict[str, Any]] = []
     done = 0
     with click.progressbar(

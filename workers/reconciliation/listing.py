@@ -27,7 +27,7 @@ class Lister:
         slices: list[tuple[datetime, datetime]],
         state: list[list[Any]],
         concurrency: int,
-        buffer: int,
+        batch_pages: int,
     ) -> None:
         self.gateway = gateway
         self.slices = slices
@@ -35,9 +35,10 @@ class Lister:
         self.todo = list(self.cursors)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.batch_pages = batch_pages
         # Room for a whole batch and then some: the threads go on reading while the caller
         # compares the batch before.
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=buffer + 2 * concurrency)
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=batch_pages + 2 * concurrency)
         self.threads = [
             threading.Thread(target=self._work, name=f"reconcile-list-{n}", daemon=True)
             for n in range(min(concurrency, len(self.todo)))
@@ -66,8 +67,8 @@ class Lister:
         finally:
             self.queue.put(_DONE)
 
-    def batches(self, max_pages: int) -> Iterator[list[tuple[int, PaymentPage]]]:
-        """Batches of (slice index, page), `max_pages` each but the last: every batch costs a
+    def batches(self) -> Iterator[list[tuple[int, PaymentPage]]]:
+        """Batches of (slice index, page), `batch_pages` each but the last: every batch costs a
         query, a commit and the run's progress written, whatever its size. A page request
         that failed is raised once the pages before it were handed out; the threads are
         stopped whenever the caller stops."""
@@ -86,7 +87,7 @@ class Lister:
                         error = error or item[1]
                     else:
                         batch.append(item)
-                    if len(batch) >= max_pages or error is not None or not running:
+                    if len(batch) >= self.batch_pages or error is not None or not running:
                         break
                     item = self.queue.get()
                 if batch:

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Engine, delete, func, literal, select, tuple_
 from sqlalchemy.orm import Session
 
+from config import Settings
 from workers.alerts import raise_alert
 from workers.db import is_postgres, transition
 from workers.errors import PermanentError, one_line
@@ -74,6 +75,16 @@ class RunOptions:
     batch_pages: int  # listed pages compared in one query and committed together
     owner: str  # who holds the lease (unique per attempt)
     actor: str  # recorded on every transition
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, owner: str, actor: str) -> RunOptions:
+        return cls(
+            lease=timedelta(seconds=settings.RECONCILE_LEASE_SECONDS),
+            concurrency=settings.RECONCILE_CONCURRENCY,
+            batch_pages=settings.RECONCILE_BATCH_PAGES,
+            owner=owner,
+            actor=actor,
+        )
 
 
 @dataclass
@@ -182,7 +193,7 @@ def list_and_compare(work: Work) -> None:
     state, options = work.state, work.options
     slices = state.slice_state()
     lister = Lister(work.gateway, state.slices(), slices, options.concurrency, options.batch_pages)
-    with contextlib.closing(lister.batches(options.batch_pages)) as batches:
+    with contextlib.closing(lister.batches()) as batches:
         for batch in batches:
             compare_pages(work, batch, slices)
             work.show()
