@@ -13,10 +13,12 @@ from typing import Any
 import click
 from sqlalchemy import Select, func, select
 
+from workers.dlq_rules import glob_like
+from workers.models import CLASSIFICATIONS as CLASSES
+from workers.models import DEAD_LETTER_STATUSES as STATUSES
+
 DURATION = re.compile(r"^(\d+)([smhd])$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-STATUSES = ("NEW", "RETRYING", "REPLAYED", "MANUAL_REVIEW", "DISCARDED")
-CLASSES = ("TRANSIENT", "PERMANENT", "UNKNOWN")
 CHUNK = 500  # letters replayed per transaction by `replay --all`
 
 
@@ -62,7 +64,7 @@ def selection(
 
     query = select(DeadLetter)
     if task:
-        query = query.where(DeadLetter.task_name.like(task.replace("*", "%").replace("?", "_")))
+        query = query.where(DeadLetter.task_name.like(glob_like(task), escape="\\"))
     if statuses:
         query = query.where(DeadLetter.status.in_(statuses))
     if error:

@@ -1,8 +1,8 @@
 """The dead-letter triage rules, in one readable place. The first rule that matches decides.
 
-A rule matches on the task name (a glob), the exception class, the classification recorded
-with the letter, and/or a regular expression searched in the error message (where a
-provider's error code shows). Its action:
+A rule matches on the task name (a glob: `*` any run of characters, `?` one character), the
+exception class, the classification recorded with the letter, and/or a regular expression
+searched in the error message (where a provider's error code shows). Its action:
 
 - `replay`: sent again automatically, while the letter is younger than DLQ_MANUAL_AFTER_SECONDS
   and has replays left in DLQ_REPLAY_BUDGET; otherwise it goes to manual review;
@@ -18,7 +18,6 @@ re-labels letters already in the table.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,6 +25,22 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, and_
 
 Action = Literal["replay", "manual", "discard"]
+
+
+def glob_regex(glob: str) -> re.Pattern[str]:
+    """A task-name glob as a regular expression: `*` and `?` are its only wildcards."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in glob) + r"\Z",
+        re.DOTALL,
+    )
+
+
+def glob_like(glob: str) -> str:
+    """The same glob as a LIKE pattern, escaped with a backslash (`ESCAPE '\\'`): the `_` in
+    `refunds.check_many` is a character, not a wildcard."""
+    return "".join(
+        "%" if c == "*" else "_" if c == "?" else "\\" + c if c in "\\%_" else c for c in glob
+    )
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,7 @@ class Rule:
 
     def __post_init__(self) -> None:
         # Compiled once: triage matches every rule against up to every letter.
-        object.__setattr__(self, "_task", re.compile(fnmatch.translate(self.task)).match)
+        object.__setattr__(self, "_task", glob_regex(self.task).match)
         pattern = re.compile(self.message, re.IGNORECASE) if self.message else None
         object.__setattr__(self, "_message", pattern.search if pattern else None)
 
@@ -58,7 +73,7 @@ class Rule:
         """The same match as SQL, for set-based statements (Postgres `~*`, SQLite REGEXP)."""
         from workers.models import DeadLetter
 
-        conditions = [DeadLetter.task_name.like(self.task.replace("*", "%").replace("?", "_"))]
+        conditions = [DeadLetter.task_name.like(glob_like(self.task), escape="\\")]
         if self.error_type is not None:
             conditions.append(DeadLetter.error_type == self.error_type)
         if self.classification is not None:

@@ -317,6 +317,34 @@ def test_rules_are_one_readable_table_and_first_match_wins() -> None:
     assert match(probe, (Rule("all", "manual", "x"), *RULES)).name == "all"
 
 
+def test_a_rule_selects_in_sql_exactly_the_letters_it_matches_in_python(
+    committed: Engine,
+) -> None:
+    """Triage decides letter by letter with `matches` and re-labels in bulk with `where`:
+    both must agree, `_` and `%` in task names included."""
+    names = ["refunds.check_many", "refunds.checkXmany", "refunds.check%many", "holds.expire"]
+    errors = [
+        TransientError("database busy"),
+        NotFound("booking_holds 1 does not exist"),
+        GatewayPermanent("razorpay refund.create: HTTP 400: Server is busy, try again later"),
+        PayloadError("invalid payload: hold_id"),
+    ]
+    ids = [letter(name, {"n": n}, error) for n, name in enumerate(names) for error in errors]
+    probes = [
+        Rule("exact", "manual", "x", task="refunds.check_many"),
+        Rule("percent", "manual", "x", task="refunds.check%many"),
+        Rule("one", "manual", "x", task="refunds.check?many"),
+        Rule("prefix", "manual", "x", task="refunds.*", message=r"busy|does not"),
+    ]
+    with session_scope() as session:
+        letters = session.scalars(select(DeadLetter).where(DeadLetter.id.in_(ids))).all()
+        for rule in (*RULES, *probes):
+            selected = set(session.scalars(select(DeadLetter.id).where(rule.where())))
+            assert selected == {x.id for x in letters if rule.matches(x)}, rule.name
+        exact = set(session.scalars(select(DeadLetter.task_name).where(probes[0].where())))
+        assert exact == {"refunds.check_many"}
+
+
 def test_triage_runs_on_the_embedded_sqlite_default_too(any_db: Any) -> None:
     """`make run` triages on SQLite: the same decisions, the per-letter resolutions included."""
     from workers.models import BookingHold
