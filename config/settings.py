@@ -216,6 +216,11 @@ class Settings(BaseSettings):
             raise ValueError("expected redis://, rediss:// or filesystem://")
         return value
 
+    @property
+    def broker_is_redis(self) -> bool:
+        """Redis as the broker (production), not the embedded filesystem broker."""
+        return self.BROKER_URL.startswith(("redis://", "rediss://"))
+
 
 def load_settings(**overrides: object) -> Settings:
     """Build the settings, turning a validation error into one line that names the setting."""

@@ -20,16 +20,14 @@ from celery.beat import PersistentScheduler
 
 from config import get_settings
 from config.settings import VAR_DIR
+from workers.broker import broker_redis
 
 log = logging.getLogger("backstop.beat")
 LOCK_NAME = "backstop:beat"
 
 
 class RedisLock:
-    def __init__(self, url: str, ttl: float) -> None:
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    def __init__(self, client: Any, ttl: float) -> None:
         self.ttl = ttl
         self._lock = client.lock(LOCK_NAME, timeout=ttl, blocking=False, thread_local=False)
         self._held = False
@@ -83,8 +81,9 @@ class FileLock:
 
 def make_lock() -> RedisLock | FileLock:
     settings = get_settings()
-    if settings.BROKER_URL.startswith(("redis://", "rediss://")):
-        return RedisLock(settings.BROKER_URL, settings.BEAT_LOCK_SECONDS)
+    client = broker_redis(settings)
+    if client is not None:
+        return RedisLock(client, settings.BEAT_LOCK_SECONDS)
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     return FileLock(VAR_DIR / "beat.lock")
 

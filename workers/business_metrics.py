@@ -107,7 +107,7 @@ class BusinessMetrics:
                     count = 0
                 depth.add_metric([queue], count)
             yield depth
-            if _is_redis(self.settings):
+            if self.settings.broker_is_redis:
                 unacked = GaugeMetricFamily(
                     "backstop_broker_unacked_messages",
                     "Messages workers have taken but not yet acknowledged: running, prefetched, "
@@ -118,7 +118,7 @@ class BusinessMetrics:
 
     def breakers(self) -> Iterator[Metric]:
         # Without Redis each process has its own breakers, and this one's say nothing.
-        if not _is_redis(self.settings):
+        if not self.settings.broker_is_redis:
             return
         from workers.gateways.registry import breaker_states
 
@@ -251,10 +251,6 @@ def jobs(session: Session, now: datetime, windows: dict[str, timedelta]) -> Iter
 
 def _seconds(delta: timedelta) -> float:
     return max(0.0, delta.total_seconds())
-
-
-def _is_redis(settings: Settings) -> bool:
-    return settings.BROKER_URL.startswith(("redis://", "rediss://"))
 
 
 def _err(exc: BaseException) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from config import Settings, get_settings
+from workers.broker import broker_redis
 from workers.gateways.base import Gateway, GatewayPermanent
 from workers.gateways.breaker import Breakers, GuardedGateway
 from workers.gateways.razorpay import RazorpayGateway
@@ -30,17 +30,9 @@ def _build(name: str) -> Gateway:
         name,
         fail_max=settings.BREAKER_FAIL_MAX,
         reset_seconds=settings.BREAKER_RESET_SECONDS,
-        redis=_redis(settings),
+        redis=broker_redis(settings),
     )
     return GuardedGateway(adapter, breakers)
-
-
-def _redis(settings: Settings) -> Any | None:
-    if not settings.BROKER_URL.startswith(("redis://", "rediss://")):
-        return None
-    import redis
-
-    return redis.Redis.from_url(settings.BROKER_URL, socket_timeout=5, socket_connect_timeout=5)
 
 
 def _adapter(name: str, settings: Settings) -> Gateway:

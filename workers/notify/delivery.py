@@ -30,6 +30,7 @@ from sqlalchemy import ColumnElement, and_, any_, func, insert, or_, select, upd
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from workers.broker import broker_redis
 from workers.db import claim, is_postgres, on_commit, transition, transition_batch
 from workers.db.upsert import insert_ignore
 from workers.dlq import precheck, record_dead_letter
@@ -156,15 +157,13 @@ _redis_clients: dict[int, Any] = {}
 def _pump_redis() -> Any | None:
     from config import get_settings
 
-    url = get_settings().BROKER_URL
-    if not url.startswith(("redis://", "rediss://")):
+    settings = get_settings()
+    if not settings.broker_is_redis:
         return None  # the embedded broker: every kick sends its own pump
     pid = os.getpid()
     if pid not in _redis_clients:
-        import redis
-
         _redis_clients.clear()
-        _redis_clients[pid] = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        _redis_clients[pid] = broker_redis(settings, timeout=2)
     return _redis_clients[pid]
 
 
