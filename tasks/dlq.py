@@ -24,9 +24,7 @@ def triage_policy() -> TriagePolicy:
 
 @task("dlq.triage")
 def run_triage(ctx: TaskContext) -> dict[str, Any]:
-    job = "dlq.triage"
     return ctx.in_slot(
-        job,
         lambda: triage(ctx.session, ctx.now, triage_policy()).as_dict(),
     )
 

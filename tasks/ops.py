@@ -21,10 +21,7 @@ def check(ctx: TaskContext) -> dict[str, Any]:
         missed = check_schedules(ctx.session, ctx.now, schedule_windows(settings))
         return {"missed": len(missed), "jobs": missed}
 
-    return ctx.in_slot(
-        JOB,
-        work,
-    )
+    return ctx.in_slot(work)
 
 
 def retention_policy() -> Retention:
@@ -39,8 +36,4 @@ def retention_policy() -> Retention:
 
 @task("ops.retention")
 def retention(ctx: TaskContext) -> dict[str, Any]:
-    job = "ops.retention"
-    return ctx.in_slot(
-        job,
-        lambda: prune(ctx.session, retention_policy(), ctx.now),
-    )
+    return ctx.in_slot(lambda: prune(ctx.session, retention_policy(), ctx.now))

@@ -27,7 +27,6 @@ def janitor_policy() -> JanitorPolicy:
 def check(ctx: TaskContext) -> dict[str, Any]:
     settings = get_settings()
     return ctx.in_slot(
-        JANITOR,
         lambda: dict(
             check_in_flight(
                 ctx.session,

@@ -52,10 +52,7 @@ def nightly(ctx: TaskContext) -> dict[str, Any]:
         return {"gateways": len(gateways), "runs": len(runs)}
 
     # Once per schedule slot: a second beat or a manual run in the same slot does nothing.
-    return ctx.in_slot(
-        NIGHTLY,
-        work,
-    )
+    return ctx.in_slot(work)
 
 
 @task("reconciliation.run", payload=RunReconciliation)

@@ -88,9 +88,7 @@ def retry_policy() -> RetryPolicy:
 
 @task("refunds.retry_stuck")
 def retry_stuck(ctx: TaskContext) -> dict[str, Any]:
-    job = "refunds.retry_stuck"
     return ctx.in_slot(
-        job,
         lambda: retry_stuck_refunds(ctx.session, utcnow, retry_policy()).as_dict(),
     )
 

@@ -56,16 +56,17 @@ class TaskContext:
         """Send another task once this run's transaction commits."""
         enqueue_after_commit(self.session, task_name, kwargs, **options)
 
-    def in_slot(self, job: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run a scheduled job's `work` once for the schedule slot `now` falls in: a second beat
-        or a manual run in the same slot does nothing (see `workers.jobs.claim_slot`)."""
+    def in_slot(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run this scheduled task's `work` once for the schedule slot `now` falls in (the job
+        is the task's name): a second beat or a manual run in the same slot does nothing (see
+        `workers.jobs.claim_slot`)."""
         from config.schedule import current_slot
         from workers.jobs import run_in_slot
 
         return run_in_slot(
             self.session,
-            job,
-            current_slot(job, get_settings(), self.now),
+            self.task_name,
+            current_slot(self.task_name, get_settings(), self.now),
             task_id=self.task_id,
             now=self.now,
             clock=utcnow,
