@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from config import get_settings
-from workers.base import TaskContext, task, utcnow
+from workers.base import TaskContext, task
 from workers.gateways.registry import get_gateway
 from workers.janitor import JanitorPolicy, check_in_flight
 
@@ -30,7 +30,7 @@ def check(ctx: TaskContext) -> dict[str, Any]:
         lambda: dict(
             check_in_flight(
                 ctx.session,
-                utcnow,
+                ctx.clock,
                 get_gateway,
                 janitor_policy(),
                 time_budget=max(settings.PAYMENT_JANITOR_SECONDS / 2, 10),

@@ -89,7 +89,7 @@ def retry_policy() -> RetryPolicy:
 @task("refunds.retry_stuck")
 def retry_stuck(ctx: TaskContext) -> dict[str, Any]:
     return ctx.in_slot(
-        lambda: retry_stuck_refunds(ctx.session, utcnow, retry_policy()).as_dict(),
+        lambda: retry_stuck_refunds(ctx.session, ctx.clock, retry_policy()).as_dict(),
     )
 
 

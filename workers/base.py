@@ -44,13 +44,15 @@ def utcnow() -> datetime:
 
 @dataclass
 class TaskContext:
-    """What a task body works with. `now` is read once, when the run starts."""
+    """What a task body works with. `now` is read once, when the run starts; `clock` reads the
+    time as the work goes on (a test drives both)."""
 
     session: Session
     now: datetime
     task_id: str | None
     task_name: str
     retries: int
+    clock: Callable[[], datetime] = utcnow
 
     def enqueue(self, task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
         """Send another task once this run's transaction commits."""
@@ -69,7 +71,7 @@ class TaskContext:
             current_slot(self.task_name, get_settings(), self.now),
             task_id=self.task_id,
             now=self.now,
-            clock=utcnow,
+            clock=self.clock,
             work=work,
         )
 

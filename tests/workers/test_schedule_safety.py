@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,16 +13,12 @@ from sqlalchemy import Engine, select, update
 
 from config import get_settings
 from config.schedule import current_slot
-from tasks.dlq import triage_policy
-from tasks.refunds import retry_policy
 from tests.workers.factories import add_refund
+from workers.base import TaskContext
 from workers.db import new_session
-from workers.dlq import record_dead_letter, triage
+from workers.dlq import record_dead_letter, registered_tasks
 from workers.errors import Classification, TransientError
-from workers.jobs import run_in_slot
 from workers.models import DeadLetter, JobRun, Refund
-from workers.ops import check_schedules
-from workers.refunds import retry_stuck_refunds
 
 DAY = datetime(2026, 6, 1, tzinfo=UTC)
 # Every scheduled job that claims its slot; the 5-second hold sweep and the notification outbox
@@ -38,61 +33,12 @@ JOBS = (
 )
 
 
-def jobs(now: datetime) -> dict[str, Callable[[Any], dict[str, Any]]]:
-    """Each scheduled job's work, as its task runs it, at `now`."""
-    from zoneinfo import ZoneInfo
-
-    from config.schedule import schedule_windows
-    from tasks.ops import retention_policy
-    from tasks.payments import janitor_policy
-    from workers.gateways.registry import get_gateway
-    from workers.janitor import check_in_flight
-    from workers.reconciliation.runs import configured_gateways, plan_nightly
-    from workers.retention import prune
-
-    settings = get_settings()
-    return {
-        "refunds.retry_stuck": lambda s: retry_stuck_refunds(
-            s, lambda: now, retry_policy()
-        ).as_dict(),
-        "dlq.triage": lambda s: triage(s, now, triage_policy()).as_dict(),
-        "ops.check_schedules": lambda s: {
-            "missed": len(check_schedules(s, now, schedule_windows(settings)))
-        },
-        "ops.retention": lambda s: prune(s, retention_policy(), now),
-        "payments.check_in_flight": lambda s: dict(
-            check_in_flight(s, lambda: now, get_gateway, janitor_policy(), time_budget=10)
-        ),
-        "reconciliation.nightly": lambda s: {
-            "runs": len(
-                plan_nightly(
-                    s,
-                    now,
-                    gateways=configured_gateways(settings),
-                    zone=ZoneInfo(settings.TIMEZONE),
-                    catch_up_days=settings.RECONCILE_CATCHUP_DAYS,
-                )
-            )
-        },
-    }
-
-
 def run(job: str, now: datetime, task_id: str, results: list[dict[str, Any]]) -> None:
+    """The scheduled task's own body, as a worker runs it, with the day's simulated clock."""
     session = new_session()
     try:
-        slot = current_slot(job, get_settings(), now)
-        work = jobs(now)[job]
-        results.append(
-            run_in_slot(
-                session,
-                job,
-                slot,
-                task_id=task_id,
-                now=now,
-                clock=lambda: now,
-                work=lambda: work(session),
-            )
-        )
+        ctx = TaskContext(session, now, task_id, job, 0, clock=lambda: now)
+        results.append(registered_tasks()[job].body(ctx))
         session.commit()
     finally:
         session.close()
