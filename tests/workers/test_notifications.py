@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
+from config.settings import load_settings
 from workers.db import new_session, session_scope
 from workers.dlq import PRECHECKS
 from workers.models import (
@@ -31,6 +32,7 @@ from workers.notify.delivery import (
     Policy,
     deliver_due,
     deliver_notification,
+    policy_from,
     send_notification,
     sweep_outbox,
 )
@@ -297,6 +299,11 @@ def test_backoff_is_capped_below_the_broker_visibility_timeout() -> None:
     policy = Policy(max_attempts=30, backoff=60, max_delay=900, timeout=10)
     rng = random.Random(7)
     assert max(policy.delay(n, rng) for n in range(1, 30)) <= 900
+    # The policy the task runs with, from the settings: below the visibility timeout they set.
+    settings = load_settings(BROKER_VISIBILITY_TIMEOUT_SECONDS=1200)
+    configured = policy_from(settings)
+    delays = [configured.delay(n, rng) for n in range(1, configured.max_attempts + 30)]
+    assert max(delays) < settings.BROKER_VISIBILITY_TIMEOUT_SECONDS
 
 
 @pytest.mark.parametrize("fault", ["503", "429", "timeout"])
