@@ -1,6 +1,7 @@
 """Tasks the observability tests run in real workers (`celery worker -I tests.observe_tasks`):
 one that succeeds, one that fails transiently a given number of times, one that fails for good,
-one that defers itself once, and one whose error is full of secrets and personal data."""
+one that defers itself once, one whose retry the broker refuses, and one whose error is full of
+secrets and personal data."""
 
 from __future__ import annotations
 
@@ -67,6 +68,19 @@ def defer(ctx: TaskContext, payload: Token) -> int:
     if attempt == 1:
         raise Defer(1, "not yet")
     return attempt
+
+
+@task("observe.broker_full", payload=Token)
+def broker_full(ctx: TaskContext, payload: Token) -> None:
+    """Fills the broker up (Redis refuses writes past `maxmemory`), then fails transiently:
+    the retry this asks for cannot be published."""
+    client = redis.Redis.from_url(get_settings().BROKER_URL)
+    try:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1")
+    finally:
+        client.close()
+    raise TransientError(f"busy, and the broker is full ({payload.token})")
 
 
 @task("observe.leak", payload=Customer)

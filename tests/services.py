@@ -186,7 +186,12 @@ def main(argv: list[str]) -> int:
     os.chmod(root, 0o755)
     try:
         with postgres(root) as database_url, redis(root) as broker_url:
-            env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": broker_url}
+            env = {
+                **os.environ,
+                "DATABASE_URL": database_url,
+                "BROKER_URL": broker_url,
+                "POSTGRES_LOG": str(root / "postgres.log"),
+            }
             print(f"services: postgres {database_url}  redis {broker_url}", flush=True)
             child = subprocess.Popen(argv, env=env)
             try:

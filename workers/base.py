@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from celery.worker.request import Request
 from sqlalchemy.orm import Session
 
@@ -113,6 +113,11 @@ class RedactingRequest(Request):  # type: ignore[misc]
 class BackstopTask(Task):  # type: ignore[misc]
     """The base of every backstop task. Set by the `task` decorator; not used directly."""
 
+    # Whether a failed task runs again is `handle_error`'s decision alone (TASK_MAX_RETRIES).
+    # Celery keeps a limit of its own, 3 by default: `retry()` re-raises the error at the
+    # fourth retry, the message is acked as failed, and the task is gone with no dead letter.
+    # None switches Celery's limit off; the `task` decorator refuses to set one.
+    max_retries = None
     payload_model: type[Payload] | None = None
     body: Body
     Request = RedactingRequest
@@ -176,7 +181,7 @@ class BackstopTask(Task):  # type: ignore[misc]
                     "countdown": round(countdown, 1),
                 },
             )
-            raise self.retry(exc=exc, kwargs=kwargs, countdown=countdown, max_retries=None)
+            self.schedule_retry(exc, kwargs, countdown)
         payload = dict(kwargs)
         if args:
             payload["__args__"] = list(args)
@@ -204,14 +209,11 @@ class BackstopTask(Task):  # type: ignore[misc]
                     now=utcnow(),
                 )
         except Exception as write_error:
-            # Losing the task is worse than trying again: without its dead letter, retry it.
+            # Losing the task is worse than trying again: without its dead letter, retry it;
+            # failing that, hand the message back to the broker.
             log.error("dead_letter.write_failed", extra={"error": one_line(write_error)})
-            raise self.retry(
-                exc=exc,
-                kwargs=kwargs,
-                countdown=settings.TASK_RETRY_MAX_SECONDS,
-                max_retries=None,
-            ) from write_error
+            self.schedule_retry(exc, kwargs, settings.TASK_RETRY_MAX_SECONDS)
+            raise Reject(write_error, requeue=True) from write_error
         log.error(
             "task.dead_lettered",
             extra={
@@ -221,11 +223,35 @@ class BackstopTask(Task):  # type: ignore[misc]
             },
         )
 
+    def schedule_retry(self, exc: Exception, kwargs: dict[str, Any], countdown: float) -> None:
+        """Send this task again in `countdown` seconds and end this run (raises `Retry`).
+        Returns only when the broker refused the new message: Celery would then reject the
+        one in hand without requeueing it, so the caller must keep the task some other way."""
+        try:
+            raise self.retry(exc=exc, kwargs=kwargs, countdown=countdown)
+        except Reject as refused:
+            log.error("task.retry_not_sent", extra={"error": one_line(refused.reason)})
+
     @staticmethod
     def retry_countdown(retries: int) -> float:
         settings = get_settings()
         cap = min(settings.TASK_RETRY_MAX_SECONDS, max_countdown(settings))
         return backoff_delay(retries, settings.TASK_RETRY_BASE_SECONDS, cap)
+
+
+# Celery's per-task retry options. Any of them would make Celery decide, beside `handle_error`,
+# whether a task runs again: `max_retries` would bring back the limit that lost tasks.
+RETRY_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "autoretry_for",
+        "retry_kwargs",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "default_retry_delay",
+    }
+)
 
 
 def task(
@@ -236,6 +262,13 @@ def task(
     The body is `fn(ctx)` or `fn(ctx, payload)`; it should be a thin call into a plain function
     of `workers/` that tests call directly.
     """
+
+    owned = RETRY_OPTIONS.intersection(options)
+    if owned:
+        raise TypeError(
+            f"task {name}: {sorted(owned)} would take the retry decision from BackstopTask; "
+            "retries are TASK_MAX_RETRIES with backoff, for every task"
+        )
 
     def decorate(fn: Body) -> BackstopTask:
         def run(self: BackstopTask, *args: Any, **kwargs: Any) -> Any:
