@@ -8,14 +8,12 @@ from config.settings import VAR_DIR, Settings
 
 QUEUES = ("critical", "default", "notifications", "batch")
 
-# Redis re-delivers an unacked message after the visibility timeout, and a task waiting for
-# its countdown is unacked, so every countdown and ETA stays below half of it, and below this.
-COUNTDOWN_CEILING_SECONDS = 900
-
 
 def max_countdown(settings: Settings) -> float:
-    """The longest countdown any task may ask for."""
-    return min(COUNTDOWN_CEILING_SECONDS, settings.BROKER_VISIBILITY_TIMEOUT_SECONDS / 2)
+    """The longest countdown any task may ask for (`Settings.max_countdown`): Redis re-delivers
+    an unacked message after the visibility timeout, and a task waiting for its countdown is
+    unacked, so every countdown and ETA stays below half of it, and below 15 minutes."""
+    return settings.max_countdown
 
 
 # Routes by task-name prefix; a task may still name its queue explicitly.
@@ -78,7 +76,11 @@ def _celery_config(settings: Settings) -> dict[str, object]:
         "result_backend": None,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A failed task is acked only after `BackstopTask` dead-lettered it (or, at a hard time
+        # limit, `TaskRequest.on_timeout` did): nothing that fails is dropped.
         "task_acks_on_failure_or_timeout": True,
+        "task_soft_time_limit": settings.TASK_SOFT_TIME_LIMIT_SECONDS,
+        "task_time_limit": settings.TASK_TIME_LIMIT_SECONDS,
         # One message at a time per process, so a long task never sits on a hold expiry.
         "worker_prefetch_multiplier": 1,
         "task_queues": [Queue(name, Exchange(name), routing_key=name) for name in QUEUES],

@@ -73,6 +73,10 @@ def _optional_email(value: str | None) -> str | None:
     return None if value is None else _email(value)
 
 
+# The longest countdown, whatever the visibility timeout: a retry or a deferral waits at most
+# this long (15 minutes) before it runs again.
+COUNTDOWN_CEILING_SECONDS = 900
+
 Cron = Annotated[str, AfterValidator(_cron)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -177,6 +181,16 @@ class Settings(BaseSettings):
     # How long Redis waits before re-delivering a message a worker took but never acked (it
     # was killed). Countdowns are capped at half of it; lower it only to test redelivery.
     BROKER_VISIBILITY_TIMEOUT_SECONDS: Annotated[int, Field(ge=4)] = 7200
+    # Every task's time limits. At the soft one the task gets SoftTimeLimitExceeded, a
+    # transient error (retried, then dead-lettered); at the hard one its process is killed and
+    # the task dead-lettered. A waiting countdown plus the hard limit stays inside the
+    # visibility timeout, or Redis would hand a running task to a second worker.
+    TASK_SOFT_TIME_LIMIT_SECONDS: PositiveInt = 1800
+    TASK_TIME_LIMIT_SECONDS: PositiveInt = 1900
+    # A task deferred while its gateway's circuit breaker is open goes to the dead-letter
+    # queue (rule `deferred-too-long`) once it has waited this long: an outage that does not
+    # end becomes work a person sees, not a message that circles for ever.
+    TASK_DEFER_MAX_SECONDS: PositiveInt = 86400
     # Per-session Postgres timeouts (milliseconds).
     DB_LOCK_TIMEOUT_MS: PositiveInt = 5_000
     DB_STATEMENT_TIMEOUT_MS: PositiveInt = 60_000
@@ -217,6 +231,12 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def max_countdown(self) -> float:
+        """The longest countdown or ETA any task may be sent with: Redis keeps a message that
+        waits for its countdown unacked, so it stays well inside the visibility timeout."""
+        return min(COUNTDOWN_CEILING_SECONDS, self.BROKER_VISIBILITY_TIMEOUT_SECONDS / 2)
+
+    @property
     def broker_is_redis(self) -> bool:
         """Redis as the broker (production), not the embedded filesystem broker."""
         return self.BROKER_URL.startswith(("redis://", "rediss://"))
@@ -225,7 +245,7 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Build the settings, turning a validation error into one line that names the setting."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         name = ".".join(str(part) for part in first["loc"]) or "settings"
@@ -233,6 +253,26 @@ def load_settings(**overrides: object) -> Settings:
         secret = any(word in name for word in ("SECRET", "KEY", "AUTH", "DSN", "PASSWORD"))
         shown = "" if secret or repr(given) in first["msg"] else f" (got {given!r})"
         raise SettingsError(f"bad setting {name}: {first['msg']}{shown}") from None
+    check_limits(settings)
+    return settings
+
+
+def check_limits(settings: Settings) -> None:
+    """Limits that are only safe together: fail naming the one to change."""
+    soft, hard = settings.TASK_SOFT_TIME_LIMIT_SECONDS, settings.TASK_TIME_LIMIT_SECONDS
+    if soft >= hard:
+        raise SettingsError(
+            f"bad setting TASK_SOFT_TIME_LIMIT_SECONDS: must be below TASK_TIME_LIMIT_SECONDS "
+            f"({hard}), so a task can stop on its own before it is killed (got {soft})"
+        )
+    visibility = settings.BROKER_VISIBILITY_TIMEOUT_SECONDS
+    if hard + settings.max_countdown >= visibility:
+        raise SettingsError(
+            f"bad setting TASK_TIME_LIMIT_SECONDS: a task's countdown "
+            f"({settings.max_countdown:g}s at most) plus its run must end within "
+            f"BROKER_VISIBILITY_TIMEOUT_SECONDS ({visibility}), or Redis hands the running "
+            f"task to a second worker (got {hard})"
+        )
 
 
 @functools.cache

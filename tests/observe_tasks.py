@@ -1,7 +1,7 @@
 """Tasks the observability tests run in real workers (`celery worker -I tests.observe_tasks`):
 one that succeeds, one that fails transiently a given number of times, one that fails for good,
-one that defers itself once, one whose retry the broker refuses, and one whose error is full of
-secrets and personal data."""
+one that defers itself once, one that always defers, one that ignores its soft time limit, one
+whose retry the broker refuses, and one whose error is full of secrets and personal data."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import time
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
 from config import get_settings
 from workers.alerts import raise_alert
@@ -68,6 +69,23 @@ def defer(ctx: TaskContext, payload: Token) -> int:
     if attempt == 1:
         raise Defer(1, "not yet")
     return attempt
+
+
+@task("observe.always_defer", payload=Token)
+def always_defer(ctx: TaskContext, payload: Token) -> None:
+    """A gateway whose breaker never closes: counts its runs, defers every time."""
+    raise Defer(0.1, f"never ready, run {_count(payload.token)}")
+
+
+@task("observe.stubborn", payload=Nap)
+def stubborn(ctx: TaskContext, payload: Nap) -> None:
+    """Ignores its soft time limit and goes on sleeping, as code stuck in C might."""
+    deadline = time.monotonic() + payload.seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            log.warning("observe.soft_limit_ignored")
 
 
 @task("observe.broker_full", payload=Token)

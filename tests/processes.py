@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ CELERY = [sys.executable, "-m", "celery", "-A", "workers"]
 class Proc:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
+        self.node = ""  # a worker's node name, for remote control
         self.popen = subprocess.Popen(
             argv,
             env=env,
@@ -73,6 +75,7 @@ def worker(
         log,
     )
     proc.wait_for("ready.")
+    proc.node = f"{name}@{socket.gethostname()}"
     return proc
 
 

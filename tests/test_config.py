@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
-from config.celery import COUNTDOWN_CEILING_SECONDS, QUEUES, max_countdown
-from config.settings import Settings, SettingsError, load_settings
+from config.celery import QUEUES, max_countdown
+from config.settings import COUNTDOWN_CEILING_SECONDS, Settings, SettingsError, load_settings
 from tests.conftest import service_env
 from tests.processes import ROOT
 from workers.celery_app import app
@@ -142,10 +143,54 @@ def test_every_countdown_stays_below_the_visibility_timeout() -> None:
     visibility = app.conf.broker_transport_options["visibility_timeout"]
     assert visibility == settings.BROKER_VISIBILITY_TIMEOUT_SECONDS == 7200
     assert max_countdown(settings) == COUNTDOWN_CEILING_SECONDS <= visibility / 2
-    short = load_settings(BROKER_VISIBILITY_TIMEOUT_SECONDS=10)
+    short = load_settings(
+        BROKER_VISIBILITY_TIMEOUT_SECONDS=10,
+        TASK_SOFT_TIME_LIMIT_SECONDS=3,
+        TASK_TIME_LIMIT_SECONDS=4,
+    )
     assert max_countdown(short) == 5
+    with pytest.raises(
+        SettingsError, match=r"bad setting TASK_TIME_LIMIT_SECONDS: .*second worker"
+    ):
+        load_settings(BROKER_VISIBILITY_TIMEOUT_SECONDS=10)
+    with pytest.raises(SettingsError, match=r"bad setting TASK_SOFT_TIME_LIMIT_SECONDS: .*below"):
+        load_settings(TASK_SOFT_TIME_LIMIT_SECONDS=1900)
     longest = max(BackstopTask.retry_countdown(n) for n in range(settings.TASK_MAX_RETRIES + 5))
     assert longest <= max_countdown(settings)
+
+
+def test_a_countdown_past_the_longest_is_refused_before_it_is_sent() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from workers.enqueue import send
+
+    with pytest.raises(ValueError, match="longer than the longest countdown"):
+        send("holds.expire", {"hold_id": 1}, countdown=COUNTDOWN_CEILING_SECONDS + 1)
+    with pytest.raises(ValueError, match="longer than the longest countdown"):
+        send("holds.expire", {"hold_id": 1}, eta=datetime.now(UTC) + timedelta(hours=1))
+
+
+def test_deferrals_wait_for_the_breaker_then_longer_each_time_up_to_the_cap() -> None:
+    """At the defaults (a breaker open for 30 s), a task deferred all day long comes back
+    ~100 times, not the 2,880 times a fixed 30 s would cost the broker."""
+    import random
+
+    from workers.base import defer_countdown
+
+    settings = load_settings()
+    rng = random.Random(1)
+    reset = settings.BREAKER_RESET_SECONDS
+    waits = [defer_countdown(reset, n, settings.max_countdown, rng) for n in range(200)]
+    for n, wait in enumerate(waits[:5]):
+        assert reset * 2**n <= wait <= reset * 2**n * 1.2
+    cap = settings.max_countdown
+    assert cap == COUNTDOWN_CEILING_SECONDS and 0.8 * cap <= min(waits[10:]) <= max(waits) <= cap
+    assert len({round(wait) for wait in waits[10:]}) > 50  # still spread at the cap
+    elapsed, deferrals = 0.0, 0
+    while elapsed < settings.TASK_DEFER_MAX_SECONDS:
+        elapsed += waits[deferrals]
+        deferrals += 1
+    assert 95 <= deferrals <= 105
 
 
 def test_beat_schedule_names_registered_tasks_in_kebab_case() -> None:
@@ -188,3 +233,39 @@ def test_schedule_windows_follow_the_schedules() -> None:
     assert tasks_scheduled - {"ops.check_schedules"} == set(windows)
     daily = load_settings(REFUND_RETRY_CRON="0 9 * * 1-5")
     assert schedule_windows(daily)["refunds.retry_stuck"] == timedelta(days=3, minutes=10)
+
+
+def test_config_show_says_where_each_value_came_from_and_filters_secrets(tmp_path: Any) -> None:
+    import json
+
+    (tmp_path / ".env").write_text("NOTIFY_MAX_ATTEMPTS=7\nSTRIPE_API_KEY=sk_test_fromdotenv99\n")
+    env = service_env(
+        TASK_MAX_RETRIES="6",
+        RAZORPAY_KEY_SECRET="rzp-secret-in-env",
+        BROKER_URL="redis://:broker-pass@127.0.0.1:1/0",
+        BACKSTOP_VAR_DIR=str(tmp_path / "var"),
+    )
+    for name in ("NOTIFY_MAX_ATTEMPTS", "STRIPE_API_KEY"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "config", "show", "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    for secret in ("rzp-secret-in-env", "sk_test_fromdotenv99", "broker-pass"):
+        assert secret not in done.stdout
+    shown = json.loads(done.stdout)
+    settings = {row["name"]: (row["value"], row["source"]) for row in shown["settings"]}
+    assert settings["TASK_MAX_RETRIES"] == (6, "environment")
+    assert settings["NOTIFY_MAX_ATTEMPTS"] == (7, ".env")
+    assert settings["STRIPE_API_KEY"] == ("[Filtered]", ".env")
+    assert settings["RAZORPAY_KEY_SECRET"] == ("[Filtered]", "environment")
+    assert settings["BROKER_URL"] == ("redis://:[Filtered]@127.0.0.1:1/0", "environment")
+    assert settings["TASK_DEFER_MAX_SECONDS"] == (86400, "default")
+    assert shown["celery"]["broker_visibility_timeout"] == 7200
+    assert shown["tasks"]["refunds.submit"]["max_retries"] is None
+    assert shown["tasks"]["refunds.submit"]["queue"] == "critical"

@@ -9,28 +9,32 @@ exhausted retries are written to `dead_letters`, and the worker goes on either w
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Reject, Retry
+from celery.exceptions import Reject, Retry, TimeLimitExceeded
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 from sqlalchemy.orm import Session
 
 from config import get_settings
-from config.celery import max_countdown
+from config.settings import Settings
 from workers import dlq
 from workers.db import session_scope
 from workers.enqueue import enqueue_after_commit, send
 from workers.errors import (
-    Classification,
     Defer,
+    DeferredTooLong,
     PayloadError,
     RetryRemaining,
     classify,
     one_line,
+    retryable,
 )
 from workers.payloads import Payload, validate
 from workers.retry import backoff_delay
@@ -78,6 +82,31 @@ class TaskContext:
 
 Body = Callable[..., Any]
 
+# Headers of a deferred task's message: when it first deferred (epoch seconds) and how often.
+DEFERRED_SINCE = "backstop_deferred_since"
+DEFERRALS = "backstop_deferrals"
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def header_int(headers: dict[str, Any], name: str) -> int | None:
+    value = headers.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def defer_countdown(
+    wait: float, deferrals: int, cap: float, rng: random.Random | None = None
+) -> float:
+    """How long a deferred task waits before it looks again: until its gateway's breaker may
+    let calls through (`wait`), doubled for every deferral in a row, so an outage that lasts
+    costs the broker less and less; up to a fifth more at random, so a backlog does not come
+    back at one instant. At the `cap` the spread goes below it instead."""
+    step = max(wait, 1.0) * 2 ** min(deferrals, 16)
+    jitter = (rng or random).uniform(0, 0.2)
+    return step * (1 + jitter) if step * 1.2 <= cap else cap * (1 - jitter)
+
 
 def redacted_repr(kwargs: Any, redacted: frozenset[str]) -> str:
     """A payload's repr with the `redacted` fields shown only by their length."""
@@ -86,7 +115,7 @@ def redacted_repr(kwargs: Any, redacted: frozenset[str]) -> str:
     return repr({k: f"<{len(str(v))} chars>" if k in redacted else v for k, v in kwargs.items()})
 
 
-class RedactingRequest(Request):  # type: ignore[misc]
+class TaskRequest(Request):  # type: ignore[misc]
     """A message as the worker sees it. For a payload with fields that must not be shown (a
     webhook's raw body and signature) the repr its sender put in the message, Celery's full
     repr by default, is replaced as the message arrives: it is what the worker logs, announces
@@ -109,6 +138,21 @@ class RedactingRequest(Request):  # type: ignore[misc]
     def info(self, safe: bool = False) -> dict[str, Any]:
         return super().info(safe=safe or self._redacted)  # type: ignore[no-any-return]
 
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """At the hard time limit the pool kills the task's process and Celery acks the
+        message as failed: the task is dead-lettered first, from the worker's main process,
+        so it is not lost. (The soft limit is an exception in the task, handled there.)"""
+        if not soft and not worker_state.should_terminate:
+            self._task.dead_letter(
+                TimeLimitExceeded(f"killed at the hard time limit of {timeout:g}s"),
+                task_id=self.id,
+                args=self._args if isinstance(self._args, list | tuple) else (),
+                kwargs=self._kwargs if isinstance(self._kwargs, dict) else {},
+                headers=self._request_dict,
+                attempts=int(self._request_dict.get("retries") or 0) + 1,
+            )
+        super().on_timeout(soft, timeout)
+
 
 class BackstopTask(Task):  # type: ignore[misc]
     """The base of every backstop task. Set by the `task` decorator; not used directly."""
@@ -120,7 +164,7 @@ class BackstopTask(Task):  # type: ignore[misc]
     max_retries = None
     payload_model: type[Payload] | None = None
     body: Body
-    Request = RedactingRequest
+    Request = TaskRequest
 
     def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self.request
@@ -140,18 +184,49 @@ class BackstopTask(Task):  # type: ignore[misc]
         except Retry:
             raise
         except Defer as later:
-            countdown = min(max(later.seconds, 1.0), max_countdown(get_settings()))
-            log.info("task.deferred", extra={"reason": str(later), "countdown": round(countdown)})
-            send(self.name, dict(kwargs), countdown=countdown, headers=self.request.headers)
-            return "deferred"
+            try:
+                return self.defer(later, kwargs)
+            except Exception as exc:  # deferred too long, or the broker refused the message
+                self.handle_error(exc, args, kwargs)
+                raise
         except Exception as exc:
             self.handle_error(exc, args, kwargs)
             raise
 
+    def defer(self, later: Defer, kwargs: dict[str, Any]) -> str:
+        """Send this task again once its work can start, spending no retry. The message
+        carries when the task first deferred; past TASK_DEFER_MAX_SECONDS it raises
+        `DeferredTooLong` instead, which dead-letters it."""
+        settings = get_settings()
+        headers = dict(self.request.headers or {})
+        now = time.time()
+        since, deferrals = headers.get(DEFERRED_SINCE), headers.get(DEFERRALS)
+        if not is_number(since) or since > now:
+            since = now
+        if not isinstance(deferrals, int) or isinstance(deferrals, bool) or deferrals < 0:
+            deferrals = 0
+        waited = now - since
+        if waited >= settings.TASK_DEFER_MAX_SECONDS:
+            raise DeferredTooLong(
+                f"deferred {deferrals} times over {waited:.0f}s, longer than "
+                f"TASK_DEFER_MAX_SECONDS ({settings.TASK_DEFER_MAX_SECONDS}): {later}"
+            )
+        countdown = defer_countdown(later.seconds, deferrals, settings.max_countdown)
+        log.info(
+            "task.deferred",
+            extra={"reason": str(later), "countdown": round(countdown), "deferrals": deferrals},
+        )
+        headers.update({DEFERRED_SINCE: since, DEFERRALS: deferrals + 1})
+        send(self.name, dict(kwargs), countdown=countdown, headers=headers)
+        letter = self.dead_letter_id()
+        if letter is not None:  # a replay still waiting is not a replay that was lost
+            with session_scope() as session:
+                dlq.replay_waiting(session, letter, utcnow())
+        return "deferred"
+
     def dead_letter_id(self) -> int | None:
         """The dead letter this run replays, from the message header `dlq.replay` sets."""
-        value = (self.request.headers or {}).get(dlq.HEADER)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return header_int(self.request.headers or {}, dlq.HEADER)
 
     def validate_payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload | None:
         if args:
@@ -168,10 +243,9 @@ class BackstopTask(Task):  # type: ignore[misc]
         """Retry a transient error, or dead-letter the task; returns only to re-raise `exc`."""
         settings = get_settings()
         retries = self.request.retries or 0
-        kind = classify(exc)
         if isinstance(exc, RetryRemaining):
             kwargs = exc.kwargs
-        if kind is Classification.TRANSIENT and retries < settings.TASK_MAX_RETRIES:
+        if retryable(exc) and retries < settings.TASK_MAX_RETRIES:
             countdown = self.retry_countdown(retries)
             log.warning(
                 "task.retry",
@@ -182,38 +256,60 @@ class BackstopTask(Task):  # type: ignore[misc]
                 },
             )
             self.schedule_retry(exc, kwargs, countdown)
-        payload = dict(kwargs)
-        if args:
-            payload["__args__"] = list(args)
         try:
-            with session_scope() as session:
-                replayed = self.dead_letter_id()
-                letter = replayed and dlq.replay_failed(
-                    session,
-                    replayed,
-                    task_id=self.request.id,
-                    payload=payload,
-                    error=exc,
-                    attempts=retries + 1,
-                    classification=kind,
-                    now=utcnow(),
-                )
-                letter = letter or dlq.record_dead_letter(
-                    session,
-                    task_name=self.name,
-                    task_id=self.request.id,
-                    payload=payload,
-                    error=exc,
-                    attempts=retries + 1,
-                    classification=kind,
-                    now=utcnow(),
-                )
+            self.dead_letter(
+                exc,
+                task_id=self.request.id,
+                args=args,
+                kwargs=kwargs,
+                headers=self.request.headers or {},
+                attempts=retries + 1,
+            )
         except Exception as write_error:
             # Losing the task is worse than trying again: without its dead letter, retry it;
             # failing that, hand the message back to the broker.
             log.error("dead_letter.write_failed", extra={"error": one_line(write_error)})
-            self.schedule_retry(exc, kwargs, settings.TASK_RETRY_MAX_SECONDS)
+            self.schedule_retry(exc, kwargs, retry_cap(settings))
             raise Reject(write_error, requeue=True) from write_error
+
+    def dead_letter(
+        self,
+        exc: BaseException,
+        *,
+        task_id: str | None,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        headers: dict[str, Any],
+        attempts: int,
+    ) -> int:
+        """Write the task's dead letter, or, for a replay, put its letter back to NEW with the
+        new failure. Returns the letter's id."""
+        kind = classify(exc)
+        payload = dict(kwargs)
+        if args:
+            payload["__args__"] = list(args)
+        replayed = header_int(headers, dlq.HEADER)
+        with session_scope() as session:
+            letter = replayed and dlq.replay_failed(
+                session,
+                replayed,
+                task_id=task_id,
+                payload=payload,
+                error=exc,
+                attempts=attempts,
+                classification=kind,
+                now=utcnow(),
+            )
+            letter = letter or dlq.record_dead_letter(
+                session,
+                task_name=self.name,
+                task_id=task_id,
+                payload=payload,
+                error=exc,
+                attempts=attempts,
+                classification=kind,
+                now=utcnow(),
+            )
         log.error(
             "task.dead_lettered",
             extra={
@@ -222,6 +318,7 @@ class BackstopTask(Task):  # type: ignore[misc]
                 "error": f"{type(exc).__name__}: {one_line(exc)}",
             },
         )
+        return letter
 
     def schedule_retry(self, exc: Exception, kwargs: dict[str, Any], countdown: float) -> None:
         """Send this task again in `countdown` seconds and end this run (raises `Retry`).
@@ -235,8 +332,12 @@ class BackstopTask(Task):  # type: ignore[misc]
     @staticmethod
     def retry_countdown(retries: int) -> float:
         settings = get_settings()
-        cap = min(settings.TASK_RETRY_MAX_SECONDS, max_countdown(settings))
-        return backoff_delay(retries, settings.TASK_RETRY_BASE_SECONDS, cap)
+        return backoff_delay(retries, settings.TASK_RETRY_BASE_SECONDS, retry_cap(settings))
+
+
+def retry_cap(settings: Settings) -> float:
+    """The longest wait before a retry: TASK_RETRY_MAX_SECONDS, inside the longest countdown."""
+    return min(settings.TASK_RETRY_MAX_SECONDS, settings.max_countdown)
 
 
 # Celery's per-task retry options. Any of them would make Celery decide, beside `handle_error`,

@@ -9,7 +9,7 @@ from celery import Celery, signals
 from config import get_settings
 from config.celery import celery_config
 from config.schedule import beat_schedule
-from workers import logs, metrics, sentry
+from workers import limits, logs, metrics, sentry
 from workers.db import dispose_engine
 
 TASK_MODULES = [
@@ -30,6 +30,7 @@ app.conf.beat_schedule = beat_schedule(settings)
 app.set_default()
 sentry.install(app)
 metrics.install()
+limits.install()
 
 
 @signals.setup_logging.connect

@@ -601,6 +601,17 @@ def replay_succeeded(session: Session, letter_id: int, task_id: str | None, now:
         )
 
 
+def replay_waiting(session: Session, letter_id: int, now: datetime) -> None:
+    """A replay that deferred (its gateway's breaker is open) is alive, not lost: its
+    `last_replayed_at` moves on, so triage does not give it up as stale while it waits (it
+    may wait up to TASK_DEFER_MAX_SECONDS, longer than DLQ_REPLAY_STALE_SECONDS)."""
+    session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.id == letter_id, DeadLetter.status == "RETRYING")
+        .values(last_replayed_at=now)
+    )
+
+
 def replay_failed(
     session: Session,
     letter_id: int,

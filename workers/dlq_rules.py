@@ -128,6 +128,13 @@ RULES: tuple[Rule, ...] = (
         error_type="NoPushToken",
     ),
     Rule(
+        "deferred-too-long",
+        "manual",
+        "its gateway's circuit breaker stayed open for longer than TASK_DEFER_MAX_SECONDS: "
+        "see to the gateway, then replay",
+        error_type="DeferredTooLong",
+    ),
+    Rule(
         "transient",
         "replay",
         "a transient failure: replayed automatically while young and within its budget",

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
+from config import get_settings
 from workers.db import on_commit
 
 
 def send(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
-    """Send a task by its contract name now (outside any transaction)."""
+    """Send a task by its contract name now (outside any transaction). A countdown or ETA
+    past `Settings.max_countdown` is refused: Redis would deliver the waiting message twice."""
     from workers.celery_app import app
 
+    wait = options.get("countdown")
+    if options.get("eta") is not None:
+        wait = (options["eta"] - datetime.now(UTC)).total_seconds()
+    if wait is not None and wait > get_settings().max_countdown:
+        raise ValueError(
+            f"{task_name}: a wait of {wait:.0f}s is longer than the longest countdown "
+            f"({get_settings().max_countdown:g}s, half BROKER_VISIBILITY_TIMEOUT_SECONDS)"
+        )
     options.setdefault("kwargsrepr", short_repr(kwargs))
     app.send_task(task_name, kwargs=kwargs, **options)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import kombu.exceptions
 import redis.exceptions
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import exc as sa_exc
 
 
@@ -51,6 +52,15 @@ class Defer(Exception):
         self.seconds = seconds
 
 
+class DeferredTooLong(BackstopError):
+    """A task kept deferring (its gateway's breaker stayed open) for longer than
+    TASK_DEFER_MAX_SECONDS. The cause is transient, but retrying would only defer again: it
+    goes straight to the dead-letter queue, where its own triage rule asks for a person."""
+
+    classification = Classification.TRANSIENT
+    retryable = False
+
+
 class PayloadError(PermanentError):
     """A task payload failed validation; the message names the field."""
 
@@ -66,6 +76,7 @@ TRANSIENT_SQLSTATES = frozenset(
 )
 
 TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    SoftTimeLimitExceeded,  # the task ran past TASK_SOFT_TIME_LIMIT_SECONDS: try again later
     TimeoutError,
     ConnectionError,
     socket.timeout,
@@ -100,6 +111,12 @@ def classify(exc: BaseException) -> Classification:
     if isinstance(exc, TRANSIENT_EXCEPTIONS):
         return Classification.TRANSIENT
     return Classification.PERMANENT
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether running the task again later may help: a transient error, unless it says
+    otherwise (`DeferredTooLong`)."""
+    return classify(exc) is Classification.TRANSIENT and getattr(exc, "retryable", True)
 
 
 def one_line(exc: BaseException) -> str:

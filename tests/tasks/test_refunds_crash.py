@@ -118,7 +118,11 @@ def test_sigkilled_workers_lose_nothing_and_refund_nothing_twice(
         **worker_env(simulator_server),
         "TASK_RETRY_MAX_SECONDS": "2",
         "TASK_MAX_RETRIES": "50",
-        "BROKER_VISIBILITY_TIMEOUT_SECONDS": "8",
+        # Redis gives a killed worker's messages back after this; a countdown and a run
+        # must fit inside it, so the time limits shrink with it.
+        "BROKER_VISIBILITY_TIMEOUT_SECONDS": "12",
+        "TASK_SOFT_TIME_LIMIT_SECONDS": "4",
+        "TASK_TIME_LIMIT_SECONDS": "5",
         # At this fault rate the breakers open now and then; a short reset keeps it brisk.
         "BREAKER_RESET_SECONDS": "3",
     }

@@ -276,3 +276,112 @@ def test_no_task_may_set_a_retry_limit_of_its_own() -> None:
     for option in ({"max_retries": 3}, {"autoretry_for": (Exception,)}):
         with pytest.raises(TypeError, match="retry decision"):
             task("observe.own_limit", **option)
+
+
+def observe_worker(start_worker: Callable[..., Proc], **env: str) -> Proc:
+    return start_worker("-I", "tests.observe_tasks", **FAST_BACKOFF, **env)
+
+
+def test_a_task_past_its_soft_time_limit_is_retried_to_the_default_limit(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    observe_worker(start_worker, TASK_SOFT_TIME_LIMIT_SECONDS="1", TASK_TIME_LIMIT_SECONDS="30")
+    app.send_task("observe.ok", kwargs={"seconds": 5}, queue="default")
+    [letter] = wait_until(lambda: letters(committed), timeout=60)
+    assert (letter.error_type, letter.classification, letter.attempts) == (
+        "SoftTimeLimitExceeded",
+        "TRANSIENT",
+        DEFAULT_MAX_RETRIES + 1,
+    )
+
+
+def test_a_task_killed_at_its_hard_time_limit_is_dead_lettered_not_lost(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    """Celery acks a message whose process it killed at the hard limit: the request writes
+    the dead letter first. The worker replaces the process and goes on."""
+    worker = observe_worker(
+        start_worker, TASK_SOFT_TIME_LIMIT_SECONDS="1", TASK_TIME_LIMIT_SECONDS="2"
+    )
+    app.send_task("observe.stubborn", kwargs={"seconds": 20}, queue="default")
+    [letter] = wait_until(lambda: letters(committed), timeout=30)
+    assert (letter.task_name, letter.error_type, letter.attempts, letter.payload) == (
+        "observe.stubborn",
+        "TimeLimitExceeded",
+        1,
+        {"seconds": 20},
+    )
+    assert "hard time limit" in letter.error_message
+    assert "observe.soft_limit_ignored" in worker.output()
+    app.send_task("observe.ok", kwargs={}, queue="default")
+    wait_until(lambda: re.search(r"observe\.ok\[[0-9a-f-]+\] succeeded", worker.output()))
+
+
+def test_a_task_deferred_past_its_limit_becomes_a_dead_letter_for_a_person(
+    committed: Engine, start_worker: Callable[..., Proc], redis: Any
+) -> None:
+    from workers.dlq_rules import match
+
+    observe_worker(start_worker, TASK_DEFER_MAX_SECONDS="3")
+    app.send_task("observe.always_defer", kwargs={"token": "outage"}, queue="default")
+    [letter] = wait_until(lambda: letters(committed), timeout=30)
+    runs = int(redis.get("observe:outage"))
+    assert runs == 3  # deferred after ~0, ~1.1 and ~3.4 s: the third run is past 3 s
+    assert (letter.error_type, letter.classification, letter.attempts) == (
+        "DeferredTooLong",
+        "TRANSIENT",
+        1,  # deferrals spend no retries
+    )
+    assert "deferred 2 times" in letter.error_message
+    assert "TASK_DEFER_MAX_SECONDS (3)" in letter.error_message
+    assert match(letter).name == "deferred-too-long"
+
+
+def test_a_replay_that_keeps_deferring_is_not_given_up_as_stale(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    """A replay may defer for up to TASK_DEFER_MAX_SECONDS (a day), longer than triage waits
+    for a replay's outcome (DLQ_REPLAY_STALE_SECONDS, 6 h): each deferral says it is alive."""
+    from workers.dlq import TriagePolicy, give_up_stale
+
+    observe_worker(start_worker)
+    with session_scope() as session:
+        letter_id = record_letter(session, "observe.always_defer", {"token": "replayed"})
+    app.send_task("dlq.replay", kwargs={"dead_letter_id": letter_id, "actor": "alice"})
+    with Session(committed) as session:
+        replayed_at = wait_until(
+            lambda: session.scalar(
+                select(DeadLetter.last_replayed_at)
+                .where(DeadLetter.id == letter_id, DeadLetter.status == "RETRYING")
+                .execution_options(populate_existing=True)
+            )
+        )
+
+    def moved_on() -> object:
+        with Session(committed) as session:
+            letter = session.get(DeadLetter, letter_id)
+            return letter.last_replayed_at > replayed_at + timedelta(seconds=1) and letter
+
+    letter = wait_until(moved_on, timeout=20)
+    stale_after = timedelta(seconds=2)
+    with session_scope() as session:
+        policy = TriagePolicy(
+            manual_after=timedelta(days=1), replay_budget=3, stale_after=stale_after
+        )
+        given_up = give_up_stale(session, replayed_at + stale_after, policy, "test")
+    assert given_up == 0 and letter.status == "RETRYING"
+
+
+def record_letter(session: Session, task_name: str, payload: dict[str, Any]) -> int:
+    from workers.dlq import record_dead_letter
+
+    return record_dead_letter(
+        session,
+        task_name=task_name,
+        task_id="the-first-run",
+        payload=payload,
+        error=TransientError("busy"),
+        attempts=1,
+        classification=Classification.TRANSIENT,
+        now=datetime.now(UTC),
+    )

@@ -300,7 +300,11 @@ def test_backoff_is_capped_below_the_broker_visibility_timeout() -> None:
     rng = random.Random(7)
     assert max(policy.delay(n, rng) for n in range(1, 30)) <= 900
     # The policy the task runs with, from the settings: below the visibility timeout they set.
-    settings = load_settings(BROKER_VISIBILITY_TIMEOUT_SECONDS=1200)
+    settings = load_settings(
+        BROKER_VISIBILITY_TIMEOUT_SECONDS=1200,
+        TASK_SOFT_TIME_LIMIT_SECONDS=500,
+        TASK_TIME_LIMIT_SECONDS=550,
+    )
     configured = policy_from(settings)
     delays = [configured.delay(n, rng) for n in range(1, configured.max_attempts + 30)]
     assert max(delays) < settings.BROKER_VISIBILITY_TIMEOUT_SECONDS
