@@ -233,6 +233,10 @@ def submit_refund(
         return claim.outcome
     try:
         result = send(claim, clock())
+    except CircuitOpen as error:  # the breaker opened since the claim looked: nothing was sent
+        record_error(session, refund_id, error, clock(), actor)
+        session.commit()
+        raise Defer(open_seconds(claim.gateway), str(error)) from error
     except (GatewayTransient, OutcomeUnknown, GatewayPermanent) as error:
         record_error(session, refund_id, error, clock(), actor)
         session.commit()

@@ -387,6 +387,32 @@ def test_an_open_breaker_defers_without_claiming_or_sending(
     assert submit(refund_id, guarded) == "COMPLETED"
 
 
+def test_a_breaker_that_opens_after_the_claim_defers_without_spending_a_retry(
+    committed: Engine, sim: Any, gateways: dict[str, Any], redis: redis_lib.Redis
+) -> None:
+    """Another process trips the breaker between this one's look and its call: the call is
+    refused before anything is sent, so the task defers like any other, lease released."""
+    from workers.errors import Defer
+    from workers.gateways.breaker import GuardedGateway, make_breaker
+
+    breaker = make_breaker("stripe", fail_max=1, reset_seconds=60, redis=redis)
+
+    class TrippedAfterTheLook(GuardedGateway):
+        def open_for(self) -> float:
+            seconds = super().open_for()
+            breaker.open()
+            return seconds
+
+    refund_id = add_refund(sim, "stripe")
+    with pytest.raises(Defer) as deferred:
+        submit(refund_id, {"stripe": TrippedAfterTheLook(gateways["stripe"], lambda: breaker)})
+    assert 50 < deferred.value.seconds <= 60
+    row = refund(refund_id)
+    assert (row.status, row.in_flight_until) == ("PENDING", None)
+    assert "circuit breaker is open" in row.last_error
+    assert sim.stats()["requests"].get("stripe.refund.create", 0) == 0
+
+
 # -- re-checks in chunks ----------------------------------------------------------------------
 
 SETTLED = {"razorpay": "processed", "stripe": "succeeded"}
