@@ -172,12 +172,14 @@ def settle(
             if last_check:
                 alert(session, row, now, "the gateway does not know this payment")
         else:
-            counts["errors"] += 1  # asked again at its next check
+            counts["errors"] += 1  # asked again at its next check, if it has one
             if answer is not None:
                 log.warning(
                     "janitor.check_failed",
                     extra={"payment_id": row.id, "error": f"{type(answer).__name__}: {answer}"},
                 )
+            if last_check:  # no next check: a person must hear of it now
+                alert(session, row, now, f"the gateway could not be asked: {answer}")
     for (before, after), ids in moves.items():
         changed = transition_batch(
             session,

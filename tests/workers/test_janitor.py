@@ -123,6 +123,20 @@ def test_checks_follow_a_doubling_schedule_and_stop_with_one_alert(
     assert sim.stats()["requests"]["razorpay.payment.fetch"] == 3
 
 
+def test_a_last_check_the_gateway_does_not_answer_still_alerts(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    """The last check is the last: an error there cannot wait for a next check."""
+    stuck = payment(sim, "razorpay", "created")
+    janitor(gateways)
+    janitor(gateways, T0 + timedelta(minutes=15))
+    sim.add_fault("razorpay.payment.fetch", "503")
+    counts = janitor(gateways, T0 + timedelta(minutes=45))
+    assert counts["errors"] == 1 and row(stuck).check_attempts == 3
+    assert alerts() == [f"alert:payment-in-flight:{stuck}"]
+    assert janitor(gateways, T0 + timedelta(days=3))["checked"] == 0
+
+
 def test_an_amount_that_differs_is_not_moved_but_alerted(
     committed: Engine, sim: Any, gateways: dict[str, Any]
 ) -> None:
