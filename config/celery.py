@@ -98,6 +98,8 @@ def _celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A message no task can run (unknown name, undecodable body) becomes a dead letter.
+        "worker_consumer": "workers.consumer:Consumer",
         # Exactly one beat sends (workers/beat.py); it renews its lock at least this often.
         "beat_scheduler": "workers.beat:SingletonScheduler",
         "beat_max_loop_interval": max(1, settings.BEAT_LOCK_SECONDS // 3),

@@ -65,6 +65,14 @@ class PayloadError(PermanentError):
     """A task payload failed validation; the message names the field."""
 
 
+class UnknownTask(PermanentError):
+    """A message names a task no worker has."""
+
+
+class UndecodableMessage(PermanentError):
+    """A message whose body the worker may not (not JSON) or cannot (malformed) decode."""
+
+
 class NotFound(PermanentError):
     """The row a task was asked about does not exist."""
 
