@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     # queue (rule `deferred-too-long`) once it has waited this long: an outage that does not
     # end becomes work a person sees, not a message that circles for ever.
     TASK_DEFER_MAX_SECONDS: PositiveInt = 86400
+    # A task whose worker process dies under it is put back on its queue; after this many
+    # deaths (counted in Redis across workers) it is dead-lettered instead of run again.
+    TASK_MAX_PROCESS_DEATHS: PositiveInt = 3
     # Per-session Postgres timeouts (milliseconds).
     DB_LOCK_TIMEOUT_MS: PositiveInt = 5_000
     DB_STATEMENT_TIMEOUT_MS: PositiveInt = 60_000

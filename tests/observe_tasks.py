@@ -6,6 +6,8 @@ whose retry the broker refuses, and one whose error is full of secrets and perso
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import redis
@@ -86,6 +88,13 @@ def stubborn(ctx: TaskContext, payload: Nap) -> None:
             time.sleep(0.05)
         except SoftTimeLimitExceeded:
             log.warning("observe.soft_limit_ignored")
+
+
+@task("observe.fatal", payload=Token)
+def fatal(ctx: TaskContext, payload: Token) -> None:
+    """Kills the pool process running it, as a crash in native code would."""
+    _count(payload.token)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @task("observe.broker_full", payload=Token)

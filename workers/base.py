@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+from billiard.exceptions import WorkerLostError
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry, TimeLimitExceeded
 from celery.worker import state as worker_state
@@ -25,6 +27,7 @@ from sqlalchemy.orm import Session
 from config import get_settings
 from config.settings import Settings
 from workers import dlq
+from workers.broker import broker_redis
 from workers.db import session_scope
 from workers.enqueue import enqueue_after_commit, send
 from workers.errors import (
@@ -32,6 +35,7 @@ from workers.errors import (
     DeferredTooLong,
     PayloadError,
     RetryRemaining,
+    TaskKillsItsProcess,
     classify,
     one_line,
     retryable,
@@ -96,6 +100,25 @@ def header_int(headers: dict[str, Any], name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def count_process_deaths(task_id: str | None) -> int | None:
+    """Count one more death of a process running task `task_id`, in the broker's Redis where
+    every worker sees it; the count so far, or None where it cannot be kept (the embedded
+    broker, or Redis unreachable: the task is then put back as Celery does)."""
+    client = broker_redis(get_settings())
+    if client is None or not task_id:
+        return None
+    key = f"backstop:process-deaths:{task_id}"
+    try:
+        with client.pipeline() as pipe:
+            deaths, _ = pipe.incr(key).expire(key, 7 * 86400).execute()
+        return int(deaths)
+    except redis.RedisError as error:
+        log.warning("task.death_not_counted", extra={"error": one_line(error)})
+        return None
+    finally:
+        client.close()
+
+
 def defer_countdown(
     wait: float, deferrals: int, cap: float, rng: random.Random | None = None
 ) -> float:
@@ -137,6 +160,31 @@ class TaskRequest(Request):  # type: ignore[misc]
 
     def info(self, safe: bool = False) -> dict[str, Any]:
         return super().info(safe=safe or self._redacted)  # type: ignore[no-any-return]
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> None:
+        """A task whose pool process died under it (`WorkerLostError`) is put back on the queue
+        (`reject_on_worker_lost`). One that kills its process every time would come back for
+        ever: after TASK_MAX_PROCESS_DEATHS deaths it is dead-lettered and acked instead."""
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        if isinstance(exc, WorkerLostError) and self._task.acks_late:
+            deaths = count_process_deaths(self.id)
+            limit = get_settings().TASK_MAX_PROCESS_DEATHS
+            if deaths is not None and deaths >= limit:
+                self._task.dead_letter(
+                    TaskKillsItsProcess(
+                        f"the worker process running it died {deaths} times "
+                        f"(TASK_MAX_PROCESS_DEATHS={limit}): {one_line(exc)}"
+                    ),
+                    task_id=self.id,
+                    args=self._args if isinstance(self._args, list | tuple) else (),
+                    kwargs=self._kwargs if isinstance(self._kwargs, dict) else {},
+                    headers=self._request_dict,
+                    attempts=int(self._request_dict.get("retries") or 0) + 1,
+                )
+                self.acknowledge()  # Celery's own requeue of it is then a no-op
+        super().on_failure(exc_info, send_failed_event, return_ok)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         """At the hard time limit the pool kills the task's process and Celery acks the

@@ -65,6 +65,11 @@ class PayloadError(PermanentError):
     """A task payload failed validation; the message names the field."""
 
 
+class TaskKillsItsProcess(PermanentError):
+    """The worker process running the task died under it again and again (a crash in native
+    code, the OOM killer): running it once more would only kill another."""
+
+
 class UnknownTask(PermanentError):
     """A message names a task no worker has."""
 

@@ -385,3 +385,24 @@ def record_letter(session: Session, task_name: str, payload: dict[str, Any]) -> 
         classification=Classification.TRANSIENT,
         now=datetime.now(UTC),
     )
+
+
+def test_a_task_that_kills_its_process_is_dead_lettered_after_the_default_deaths(
+    committed: Engine, start_worker: Callable[..., Proc], redis: Any
+) -> None:
+    """`reject_on_worker_lost` puts a task whose process died back on the queue; one that
+    kills every process it runs in would loop for ever."""
+    worker = observe_worker(start_worker)
+    app.send_task("observe.fatal", kwargs={"token": "poison"}, queue="default")
+    [letter] = wait_until(lambda: letters(committed), timeout=60)
+    deaths = Settings.model_fields["TASK_MAX_PROCESS_DEATHS"].default
+    assert (letter.task_name, letter.error_type, letter.classification) == (
+        "observe.fatal",
+        "TaskKillsItsProcess",
+        "PERMANENT",
+    )
+    assert f"died {deaths} times" in letter.error_message
+    assert int(redis.get("observe:poison")) == deaths
+    app.send_task("observe.ok", kwargs={}, queue="default")
+    wait_until(lambda: re.search(r"observe\.ok\[[0-9a-f-]+\] succeeded", worker.output()))
+    assert int(redis.get("observe:poison")) == deaths  # not run again
