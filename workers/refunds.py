@@ -165,21 +165,26 @@ def send(claim: Claim, now: datetime) -> GatewayRefund:
 def record_outcome(
     session: Session,
     refund_id: int,
-    key: str,
+    key: str | None,
     result: GatewayRefund,
     now: datetime,
     actor: str,
 ) -> str:
-    """Step 3, success: attach the gateway's refund and move the row to the status it maps to."""
-    session.execute(
+    """Step 3, success: attach the gateway's refund and move the row to the status it maps to,
+    both only while `key` is still the refund's current attempt (an answer about an attempt
+    a newer one replaced must not move the refund: see `superseded_outcome`)."""
+    current = Refund.idempotency_key.is_(None) if key is None else Refund.idempotency_key == key
+    attached = session.execute(
         update(Refund)
-        .where(Refund.id == refund_id, Refund.idempotency_key == key)
+        .where(Refund.id == refund_id, current)
         .values(
             gateway_refund_id=result.id,
             in_flight_until=None,
             last_error=None if result.status != "FAILED" else f"gateway says {result.raw_status}",
         )
-    )
+    ).rowcount
+    if not attached:
+        return superseded_outcome(session, refund_id, key, result, now)
     transition(
         session,
         "refunds",
@@ -188,8 +193,40 @@ def record_outcome(
         actor=actor,
         reason=f"gateway refund {result.id} is {result.raw_status}",
         now=now,
+        guard=current,
     )
     return result.status
+
+
+def superseded_outcome(
+    session: Session, refund_id: int, key: str | None, result: GatewayRefund, now: datetime
+) -> str:
+    """A gateway answer for an attempt whose key a newer attempt replaced. It changes nothing
+    by itself; but if it says that refund exists, the newer attempt may refund the customer a
+    second time: the refund goes to manual review, with an alert. Returns the current status."""
+    status = session.execute(select(Refund.status).where(Refund.id == refund_id)).scalar_one()
+    log.warning(
+        "refund.superseded_outcome",
+        extra={"refund_id": refund_id, "gateway_refund_id": result.id, "status": result.status},
+    )
+    if result.status in ("PROCESSING", "COMPLETED"):
+        session.execute(
+            update(Refund)
+            .where(Refund.id == refund_id)
+            .values(requires_manual_review=True, updated_at=now)
+        )
+        raise_alert(
+            session,
+            "refund_manual_review",
+            f"refund {refund_id}: the gateway made refund {result.id} ({result.raw_status}) "
+            f"for an earlier attempt (key {key}) after a newer attempt had started: it may be "
+            "refunded twice; check the payment's refunds at the gateway",
+            dedupe=f"refund-superseded:{refund_id}:{result.id}",
+            now=now,
+            refund_id=refund_id,
+            gateway_refund_id=result.id,
+        )
+    return str(status)
 
 
 def record_error(
@@ -499,7 +536,10 @@ def check_refunds(
             found[(answer.status, answer.raw_status)].append(row.id)
         else:  # found by our reference: the row learns its gateway refund id
             now = clock()
-            status = record_outcome(session, row.id, row.idempotency_key or "", answer, now, actor)
+            # The refund's reference names the attempt it was made for: an older one than the
+            # row's current attempt is a superseded outcome.
+            key = answer.idempotency_key or row.idempotency_key
+            status = record_outcome(session, row.id, key, answer, now, actor)
             checked.statuses[row.id] = status
 
     now = clock()

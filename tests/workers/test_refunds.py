@@ -583,3 +583,48 @@ def test_an_open_breaker_holds_back_its_gateways_refunds_and_sends_them_later(
     assert json.loads(raw)["headers"]["eta"] is not None  # sent with the breaker's wait
     with pytest.raises(Defer):
         checked.outcome(stp[0])
+
+
+# -- outcomes that arrive late ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "review"),
+    [
+        ("COMPLETED", "processed", True),
+        ("PROCESSING", "pending", True),
+        ("FAILED", "failed", False),
+    ],
+)
+def test_an_answer_for_a_superseded_attempt_moves_nothing(
+    committed: Engine, sim: Any, status: str, raw: str, review: bool
+) -> None:
+    """Attempt 1 (key K1) had no answer; it failed at the gateway, and attempt 2 (key K2) has
+    started. Attempt 1's request then comes back: its answer must not move the refund, and if
+    it says a refund exists, a person must look before attempt 2 refunds the customer again."""
+    from workers.gateways.base import GatewayRefund
+    from workers.refunds import record_outcome
+
+    refund_id = add_refund(sim, "razorpay")
+    with session_scope() as session:
+        session.execute(
+            update(Refund).where(Refund.id == refund_id).values(idempotency_key="bkr-attempt-2")
+        )
+    late = GatewayRefund("rfnd_late", status, raw, 1_000, "INR", "bkr-attempt-1")
+    with session_scope() as session:
+        assert record_outcome(session, refund_id, "bkr-attempt-1", late, T0, "test") == "PENDING"
+    row = refund(refund_id)
+    assert (row.status, row.gateway_refund_id, row.requires_manual_review) == (
+        "PENDING",
+        None,
+        review,
+    )
+    with session_scope() as session:
+        moved = session.scalars(
+            select(StateTransition).where(StateTransition.entity_id == refund_id)
+        ).all()
+        alerts = session.scalars(
+            select(Notification.dedupe_key).where(Notification.recipient == "ops")
+        ).all()
+    assert moved == []
+    assert alerts == ([f"alert:refund-superseded:{refund_id}:rfnd_late"] if review else [])
