@@ -471,6 +471,21 @@ def test_a_notification_in_flight_elsewhere_is_left_to_that_worker(
     assert sandbox.stats()["requests"] == {"sms": 1}
 
 
+def test_a_batch_leases_its_rows_for_the_calls_it_will_make_not_for_a_full_batch(
+    committed: Engine, channels: Channels
+) -> None:
+    """A pump claims up to 50 rows; finding 3, it must not hold them as long as 50 calls
+    could take: if its worker dies, the outbox sweep takes them on after 3 calls' worth."""
+    from workers.notify.delivery import claim_deliveries
+
+    ids = [send("sms", f"+1415555000{i}") for i in range(3)]
+    with session_scope() as session:
+        claimed = claim_deliveries(session, T0, POLICY, limit=50)
+    assert sorted(one.notification_id for one in claimed) == ids
+    assert {row(i).in_flight_until for i in ids} == {T0 + POLICY.lease(3)}
+    assert POLICY.lease(3) < POLICY.lease(50) / 5
+
+
 def test_concurrent_workers_never_send_one_notification_twice(
     committed: Engine, smtp: Any, sandbox_server: Any, sandbox: Any
 ) -> None:

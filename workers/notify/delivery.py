@@ -376,7 +376,7 @@ def claim_deliveries(
         .where(chosen, *due)
         .values(
             attempts=Notification.attempts + 1,
-            in_flight_until=now + policy.lease(len(ids) if ids is not None else limit),
+            in_flight_until=now + policy.lease(1),  # sized below, in the same transaction
             updated_at=now,
         )
         .returning(Notification.id, *CLAIMED_COLUMNS)
@@ -384,8 +384,11 @@ def claim_deliveries(
     if not rows:
         return []
     claimed = prepare(session, rows, policy)
+    # The lease covers the calls this batch will really make, each bounded by the channel's
+    # timeout, so it cannot run out while the batch works; a batch cut short (its worker
+    # killed) frees its rows for the outbox sweep that soon, not after a full batch's worth.
     sends = sum(len(one.messages) for one in claimed)
-    if sends > len(rows):  # pushes to users with several devices: a longer lease
+    if sends > 1:
         session.execute(
             update(Notification)
             .where(Notification.id.in_([row.id for row in rows]))
