@@ -172,7 +172,7 @@ def test_a_countdown_past_the_longest_is_refused_before_it_is_sent() -> None:
 
 def test_deferrals_wait_for_the_breaker_then_longer_each_time_up_to_the_cap() -> None:
     """At the defaults (a breaker open for 30 s), a task deferred all day long comes back
-    ~100 times, not the 2,880 times a fixed 30 s would cost the broker."""
+    ~110 times, not the 2,880 times a fixed 30 s would cost the broker."""
     import random
 
     from workers.base import defer_countdown
@@ -190,7 +190,7 @@ def test_deferrals_wait_for_the_breaker_then_longer_each_time_up_to_the_cap() ->
     while elapsed < settings.TASK_DEFER_MAX_SECONDS:
         elapsed += waits[deferrals]
         deferrals += 1
-    assert 95 <= deferrals <= 105
+    assert 100 <= deferrals <= 120
 
 
 def test_beat_schedule_names_registered_tasks_in_kebab_case() -> None:
