@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from kombu import Exchange, Queue
 
 from config.settings import VAR_DIR, Settings
@@ -60,6 +62,13 @@ def celery_config(settings: Settings) -> dict[str, object]:
     if settings.BROKER_URL == "filesystem://":
         # kombu's filesystem transport, writing each message whole before it appears.
         config["broker_transport"] = "workers.embedded_broker:Transport"
+    elif settings.broker_is_redis:
+        # kombu's Redis transport, surviving the close of a connection Redis dropped.
+        config["broker_transport"] = "workers.redis_transport:Transport"
+        if settings.BROKER_URL.startswith("rediss://"):
+            # Naming the transport class drops what the scheme implied (TLS, which kombu would
+            # even run unverified): TLS with the server's certificate verified.
+            config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return config
 
 
@@ -97,7 +106,11 @@ def _celery_config(settings: Settings) -> dict[str, object]:
         "worker_max_memory_per_child": settings.WORKER_MAX_MEMORY_PER_CHILD_KB,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker loss does not stop the tasks running: most need only the database and a
+        # gateway or SMTP, and a task stopped half-way leaves its leases to expire and its sent
+        # emails unrecorded. They finish, and ack over a new connection (workers/consumer.py
+        # puts back only what had not started); every task is safe to run twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A message no task can run (unknown name, undecodable body) becomes a dead letter.
         "worker_consumer": "workers.consumer:Consumer",
         # Exactly one beat sends (workers/beat.py); it renews its lock at least this often.

@@ -4,6 +4,7 @@ own log file and process group, stopped by PID."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,3 +84,75 @@ def beat(env: dict[str, str], log: Path, schedule: Path) -> Proc:
     proc = Proc([*CELERY, "beat", f"--schedule={schedule}", "--loglevel=INFO"], env, log)
     proc.wait_for("beat: Starting")
     return proc
+
+
+class RedisServer:
+    """A private redis-server a test may SIGKILL and start again on the same port and data
+    folder, persisting as production does (AOF)."""
+
+    def __init__(self, folder: Path, fsync: str = "always") -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.binary = shutil.which("redis-server") or "redis-server"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.fsync = fsync
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.starts += 1
+        log = (self.folder / "redis.log").open("ab")
+        self.popen = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                self.fsync,
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"redis-server did not start on {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a node failure would: no AOF rewrite, no goodbye."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()

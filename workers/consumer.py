@@ -1,6 +1,14 @@
-"""The worker's consumer: Celery's, except that a message no task can run — a task name no
-worker knows, a body it may not or cannot decode — becomes a dead letter instead of vanishing.
-Celery logs such a message and acks it; the contract says no payload, valid or not, is lost."""
+"""The worker's consumer: Celery's, with two places where it would lose messages closed.
+
+- A message no task can run — a task name no worker knows, a body it may not or cannot
+  decode — becomes a dead letter. Celery logs such a message and acks it; the contract says no
+  payload, valid or not, is lost.
+- When the broker connection is lost, the messages this worker had taken but not started
+  (reserved, or waiting for their countdown) are put back on their queues as soon as it has
+  connected again. Celery drops its copies of them expecting the broker to deliver them again;
+  Redis would, but only after the visibility timeout (2 hours), because the restore kombu tries
+  while closing the dead connection cannot reach a Redis that is down.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,9 @@ import logging
 from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.state import active_requests
 
+from workers import redis_transport
 from workers.base import utcnow
 from workers.db import session_scope
 from workers.dlq import record_dead_letter
@@ -74,7 +84,49 @@ def keep(message: Any, error: Exception) -> None:
     )
 
 
+def taken_not_started(connection: Any) -> list[str]:
+    """Delivery tags of the messages the connection's task channel holds unacked, less those
+    whose tasks are running (they go on, and ack when they end)."""
+    channel = getattr(connection, "_default_channel", None)  # never opens a new one
+    qos = getattr(channel, "_qos", None)
+    delivered = getattr(qos, "_delivered", None)
+    if not delivered:
+        return []
+    running = {getattr(request.message, "delivery_tag", None) for request in tuple(active_requests)}
+    return [tag for tag in list(delivered) if tag not in running]
+
+
+def put_back(connection: Any, tags: list[str]) -> None:
+    """Move each message from the unacked hash back to its queue, first in line; one already
+    acked (or restored by another worker) is no longer there and is skipped."""
+    qos = connection.default_channel.qos
+    restored = 0
+    for tag in tags:
+        try:
+            qos.restore_by_tag(tag)
+            restored += 1
+        except Exception as error:
+            log.error("broker.restore_failed", extra={"tag": tag, "error": one_line(error)})
+    log.warning("broker.messages_put_back", extra={"count": restored})
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
+    _orphans: list[str] = []
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        self._orphans = [*self._orphans, *taken_not_started(self.connection)]
+        super().on_connection_error_after_connected(exc)
+
+    def connect(self) -> Any:
+        connection = super().connect()
+        orphans, self._orphans = self._orphans, []
+        if orphans:
+            put_back(connection, orphans)
+        if redis_transport.STRANDED:
+            count = redis_transport.put_back_stranded(connection.default_channel)
+            log.warning("broker.stranded_put_back", extra={"count": count})
+        return connection
+
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task") if isinstance(message.headers, dict) else None
         keep(

@@ -1,0 +1,153 @@
+"""The broker crashes under load: a private redis-server (AOF, as production runs it) is
+SIGKILLed and started again, again and again, while tasks are sent by name at a steady rate.
+The worker must outlive every crash, consume again soon after each restart, and lose nothing
+the broker accepted."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from tests.conftest import wait_until
+from tests.processes import Proc, RedisServer
+from tests.workers.factories import add_holds
+from workers.celery_app import app
+from workers.models import BookingHold
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+CRASHES = 20
+RECOVERY_SECONDS = 30  # the target: consuming again within this of each restart
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+class Sender(threading.Thread):
+    """Sends `holds.expire` by name at a steady rate, through the crashes. A message counts as
+    accepted once Redis answered the publish; one refused while Redis is down is not."""
+
+    def __init__(self, url: str, holds: list[int], per_second: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.todo, self.gap = url, list(holds), 1 / per_second
+        self.accepted: list[int] = []
+        self.refused = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with Connection(self.url, connect_timeout=1, transport_options={"max_retries": 0}) as conn:
+            while self.todo and not self.stop.is_set():
+                hold = self.todo[0]
+                try:
+                    app.send_task(
+                        "holds.expire",
+                        kwargs={"hold_id": hold},
+                        connection=conn,
+                        retry=False,
+                    )
+                except Exception:
+                    self.refused += 1
+                    conn.close()
+                    time.sleep(0.2)
+                    continue
+                self.accepted.append(self.todo.pop(0))
+                time.sleep(self.gap)
+
+
+def expired(engine: Engine, holds: list[int]) -> int:
+    with Session(engine) as session:
+        return int(
+            session.scalar(
+                select(func.count()).where(
+                    BookingHold.id.in_(holds), BookingHold.status == "EXPIRED"
+                )
+            )
+        )
+
+
+def test_a_worker_outlives_twenty_redis_crashes_and_loses_nothing_accepted(
+    committed: Engine, start_worker: Callable[..., Proc], broker: RedisServer
+) -> None:
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    with Session(committed) as session:
+        holds = add_holds(session, [due] * 4000)
+        probes = add_holds(session, [due] * CRASHES)
+        session.commit()
+    # No beat runs: no sweep expires a hold whose task was lost.
+    worker = start_worker(BROKER_URL=broker.url, queues="critical")
+    sender = Sender(broker.url, holds, per_second=40)
+    sender.start()
+    recoveries: list[float] = []
+    try:
+        for crash in range(CRASHES):
+            time.sleep(2)
+            broker.kill()
+            time.sleep(1)
+            broker.start()
+            back = time.monotonic()
+            probe = probes[crash]
+            with Connection(broker.url) as conn:
+                app.send_task("holds.expire", kwargs={"hold_id": probe}, connection=conn)
+            wait_until(
+                lambda probe=probe: expired(committed, [probe]) == 1,
+                timeout=RECOVERY_SECONDS,
+                every=0.2,
+            )
+            recoveries.append(time.monotonic() - back)
+            assert worker.popen.poll() is None, f"the worker died at crash {crash + 1}"
+    finally:
+        sender.stop.set()
+        sender.join()
+    accepted = sender.accepted
+    try:
+        wait_until(lambda: expired(committed, accepted) == len(accepted), timeout=120)
+    except AssertionError:
+        raise AssertionError(where_are(committed, broker, accepted)) from None
+    print(
+        f"{CRASHES} crashes: consuming again after {max(recoveries):.1f} s at worst "
+        f"(median {sorted(recoveries)[len(recoveries) // 2]:.1f} s); "
+        f"{len(accepted)} accepted, {sender.refused} refused while Redis was down"
+    )
+    assert "Unrecoverable error" not in worker.output()
+
+
+def where_are(engine: Engine, broker: RedisServer, holds: list[int]) -> str:
+    """Where the tasks of the holds not expired are: queued, unacked, or nowhere."""
+    with Session(engine) as session:
+        done = set(
+            session.scalars(
+                select(BookingHold.id).where(
+                    BookingHold.id.in_(holds), BookingHold.status == "EXPIRED"
+                )
+            )
+        )
+    missing = set(holds) - done
+
+    def hold_of(message: dict[str, Any]) -> Any:
+        return json.loads(base64.b64decode(message["body"]))[1].get("hold_id")
+
+    client = redis.Redis.from_url(broker.url)
+    queued = {hold_of(json.loads(raw)) for raw in client.lrange("critical", 0, -1)}
+    unacked = {hold_of(json.loads(raw)[0]) for raw in client.hvals("unacked")}
+    return (
+        f"{len(missing)} of {len(holds)} accepted holds not expired: "
+        f"{len(missing & queued)} still queued, {len(missing & unacked)} unacked, "
+        f"{len(missing - queued - unacked)} nowhere in Redis (e.g. {sorted(missing)[:5]})"
+    )
