@@ -49,8 +49,6 @@ from workers.models import Payment, Refund
 
 log = logging.getLogger("backstop.refunds")
 
-# Look a refund up before re-sending once its key is this close to the gateway's key lifetime.
-KEY_TTL_MARGIN = timedelta(hours=1)
 
 GatewayFor = Callable[[str], Gateway]
 
@@ -147,15 +145,12 @@ def claim_attempt(
 
 
 def send(claim: Claim, now: datetime) -> GatewayRefund:
-    """Step 2: the gateway call. A key the gateway may have forgotten is never re-sent
-    blindly: the refund it may have made is looked up first."""
+    """Step 2: the gateway call. A key sent before is not sent again before the gateway is
+    asked for the refund it may have made: that earlier request's outcome was unknown (a
+    timeout, a lost answer, a crash), and the gateway may have forgotten the key since."""
     gateway = claim.gateway
     assert claim.request is not None and gateway is not None
-    if (
-        claim.key_sent_at is not None
-        and gateway.key_ttl is not None
-        and (now - claim.key_sent_at >= gateway.key_ttl - KEY_TTL_MARGIN)
-    ):
+    if claim.key_sent_at is not None:
         found = gateway.find_refund(claim.request)
         if found is not None:
             return found
@@ -281,6 +276,14 @@ def submit_refund(
             log.warning("refund.failed", extra={"refund_id": refund_id, "error": one_line(error)})
             return "FAILED"
         raise
+    except Exception as unexpected:  # the request may have left: never a failure
+        error = OutcomeUnknown(
+            f"refunds {refund_id}: unexpected {type(unexpected).__name__} while sending: "
+            f"{one_line(unexpected)}"
+        )
+        record_error(session, refund_id, error, clock(), actor)
+        session.commit()
+        raise error from unexpected
     status = record_outcome(
         session, refund_id, claim.request.idempotency_key, result, clock(), actor
     )
@@ -597,6 +600,8 @@ def ask_gateways(
             )
         except (GatewayTransient, GatewayPermanent, OutcomeUnknown) as exc:
             return exc
+        except Exception as exc:  # one refund's odd answer never costs the others theirs
+            return GatewayTransient(f"refunds {row.id}: unexpected {type(exc).__name__}: {exc}")
 
     if concurrency <= 1 or len(calls) <= 1:
         return [ask(call) for call in calls]

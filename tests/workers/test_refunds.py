@@ -628,3 +628,73 @@ def test_an_answer_for_a_superseded_attempt_moves_nothing(
         ).all()
     assert moved == []
     assert alerts == ([f"alert:refund-superseded:{refund_id}:rfnd_late"] if review else [])
+
+
+# -- answers the adapters cannot read -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["razorpay", "stripe"])
+def test_an_unreadable_answer_to_a_refund_is_an_unknown_outcome_resolved_by_lookup(
+    committed: Engine, sim: Any, gateways: dict[str, Any], name: str
+) -> None:
+    """The gateway made the refund and answered 200 with a body we cannot read. Not a failure
+    (a new key would refund twice) and not a crash that leaves the lease set: the refund stays
+    PENDING with its key, and the next attempt finds the refund by our reference."""
+    refund_id = add_refund(sim, name)
+    create = f"{name}.refund.create"
+    sim.reshape(create, lambda body: {k: v for k, v in body.items() if k != "amount"})
+    with pytest.raises(OutcomeUnknown, match="'amount'"):
+        submit(refund_id, gateways)
+    row = refund(refund_id)
+    assert (row.status, row.in_flight_until) == ("PENDING", None)
+    assert row.idempotency_key and row.key_sent_at is not None
+    sim.reshape(None, None)
+    assert submit(refund_id, gateways, Clock(T0 + LEASE)) == "COMPLETED"
+    assert sim.effects()["refunds_created"] == 1 and made_once(sim)
+    assert sim.stats()["requests"][create] == 1  # found, not sent again
+
+
+def test_a_listing_without_status_finds_the_refund_instead_of_failing_the_attempt(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    """Razorpay's published refund listings carry no `status`: the retry's lookup used to
+    raise KeyError('status'), which left the lease set and dead-lettered the task."""
+    refund_id = add_refund(sim, "razorpay")
+    sim.add_fault("razorpay.refund.create", "lost", hang_seconds=1, remaining=1)
+    with pytest.raises(OutcomeUnknown):
+        submit(refund_id, gateways)
+
+    def no_status(body: Any) -> Any:
+        items = [{k: v for k, v in item.items() if k != "status"} for item in body["items"]]
+        return {**body, "items": items}
+
+    sim.reshape("razorpay.payment.refunds", no_status)
+    assert submit(refund_id, gateways, Clock(T0 + LEASE)) == "PROCESSING"
+    assert refund(refund_id).gateway_refund_id is not None
+    assert sim.effects()["refunds_created"] == 1 and made_once(sim)
+
+
+def test_one_unreadable_answer_in_a_chunk_keeps_the_others(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    ids = []
+    for _ in range(3):
+        sim.set_refund_outcome("razorpay", "pending")
+        refund_id = add_refund(sim, "razorpay")
+        assert submit(refund_id, gateways) == "PROCESSING"
+        sim.settle_refund(refund(refund_id).gateway_refund_id, "processed")
+        ids.append(refund_id)
+    odd = refund(ids[1]).gateway_refund_id
+
+    def drop_status_of_one(body: Any) -> Any:
+        return {k: v for k, v in body.items() if k != "status"} if body["id"] == odd else body
+
+    sim.reshape("razorpay.refund.fetch", drop_status_of_one)
+    with session_scope() as session:
+        checked = check_refunds(session, ids, Clock(), gateways.__getitem__, concurrency=3)
+    assert {i: checked.statuses.get(i) for i in (ids[0], ids[2])} == {
+        ids[0]: "COMPLETED",
+        ids[2]: "COMPLETED",
+    }
+    assert list(checked.retry) == [ids[1]] and "'status'" in str(checked.retry[ids[1]])
+    assert {refund(i).status for i in (ids[0], ids[2])} == {"COMPLETED"}

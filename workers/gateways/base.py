@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Protocol
 
@@ -35,7 +35,55 @@ class GatewayNotFound(GatewayPermanent):
 
 class OutcomeUnknown(TransientError):
     """The request may have reached the gateway and taken effect (timeout, connection lost
-    after sending): resolve by asking the gateway, never by sending a new request blindly."""
+    after sending, an answer we cannot read, anything unexpected): resolve by asking the
+    gateway, never by sending a new request blindly. Retried like a transient error: the
+    next attempt asks the gateway first (`workers.refunds.send`)."""
+
+
+class GatewayMalformed(GatewayTransient):
+    """The gateway answered in a shape we cannot read: a field missing, null or of the wrong
+    type (the message names it). On a call that moves money the adapter raises
+    `OutcomeUnknown` instead: the request was answered, so it may have taken effect."""
+
+
+def need(entity: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:
+    """`entity[name]`, which must be there and of type `kind` (a bool is no int)."""
+    if not isinstance(entity, dict):
+        raise GatewayMalformed(f"{where}: expected an object, got {type(entity).__name__}")
+    value = entity.get(name)
+    if value is None:
+        raise GatewayMalformed(f"{where}: the answer has no {name!r}")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise GatewayMalformed(f"{where}: {name!r} is {type(value).__name__}, expected {expected}")
+    return value
+
+
+def timestamp(entity: Any, name: str, where: str) -> datetime:
+    """`entity[name]`, epoch seconds, as an aware UTC datetime."""
+    seconds = need(entity, name, int, where)
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise GatewayMalformed(f"{where}: {name!r} is no time: {seconds}") from None
+
+
+def items_of(page: Any, name: str, where: str) -> list[Any]:
+    """A listing's list of entities (`items` for Razorpay, `data` for Stripe)."""
+    found = need(page, name, list, where)
+    return list(found)
+
+
+def reference_key(entity: Any, name: str, where: str) -> str | None:
+    """The idempotency key we wrote into a refund's notes/metadata, or None when it carries
+    none. Notes of a shape we cannot read are an error: the refund might be ours."""
+    notes = entity.get(name) if isinstance(entity, dict) else None
+    if notes is None or notes == []:  # Razorpay serialises empty notes as []
+        return None
+    if not isinstance(notes, dict):
+        raise GatewayMalformed(f"{where}: {name!r} is {type(notes).__name__}, expected object")
+    key = notes.get("backstop_idempotency_key")
+    return key if isinstance(key, str) else None
 
 
 # Contract section 3: gateway statuses to ours. Anything unlisted is still in progress. A
@@ -129,13 +177,28 @@ class PaymentPage:
         return [self.read(entity) for entity in self.entities]
 
     def columns(self) -> PaymentColumns:
-        # Both gateways name these four fields alike in a payment's JSON.
+        # Both gateways name these four fields alike in a payment's JSON. Read straight from
+        # it (a million a night); a page with anything odd in it is read field by field
+        # instead, which names the field.
         entities = self.entities
+        try:
+            columns = PaymentColumns(
+                ids=[entity["id"] for entity in entities],
+                raw_statuses=[entity["status"] for entity in entities],
+                amounts=[entity["amount"] for entity in entities],
+                currencies=[entity["currency"].upper() for entity in entities],
+            )
+            if all(type(v) is str for v in columns.ids + columns.raw_statuses) and all(
+                type(v) is int for v in columns.amounts
+            ):
+                return columns
+        except (KeyError, TypeError, AttributeError):
+            pass
         return PaymentColumns(
-            ids=[entity["id"] for entity in entities],
-            raw_statuses=[entity["status"] for entity in entities],
-            amounts=[int(entity["amount"]) for entity in entities],
-            currencies=[str(entity["currency"]).upper() for entity in entities],
+            ids=[need(e, "id", str, "payment") for e in entities],
+            raw_statuses=[need(e, "status", str, "payment") for e in entities],
+            amounts=[need(e, "amount", int, "payment") for e in entities],
+            currencies=[need(e, "currency", str, "payment").upper() for e in entities],
         )
 
 
@@ -153,9 +216,6 @@ class PaymentColumns:
 
 class Gateway(Protocol):
     name: str
-    # How long the gateway honours an idempotency key after its first use (Stripe prunes
-    # keys after 24 h); None when it documents no limit.
-    key_ttl: timedelta | None
 
     def submit_refund(self, request: RefundRequest) -> GatewayRefund: ...
 

@@ -92,7 +92,7 @@ class GuardedGateway:
 
     def __init__(self, gateway: Gateway, breakers: Callable[[], Breaker]) -> None:
         self._gateway, self._breakers = gateway, breakers
-        self.name, self.key_ttl = gateway.name, gateway.key_ttl
+        self.name = gateway.name
 
     @property
     def adapter(self) -> Gateway:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import razorpay
@@ -18,6 +18,7 @@ import razorpay.errors
 import requests
 
 from workers.gateways.base import (
+    GatewayMalformed,
     GatewayNotFound,
     GatewayPayment,
     GatewayPermanent,
@@ -26,8 +27,12 @@ from workers.gateways.base import (
     OutcomeUnknown,
     PaymentPage,
     RefundRequest,
+    items_of,
+    need,
     payment_status,
+    reference_key,
     refund_status,
+    timestamp,
 )
 from workers.gateways.http import http_session
 
@@ -48,9 +53,6 @@ class _Client(razorpay.Client):  # type: ignore[misc]
 
 class RazorpayGateway:
     name = "razorpay"
-    # Razorpay documents no expiry for X-Refund-Idempotency; assuming the same 24 h as Stripe
-    # only means an unknown outcome is looked up before it is sent again, which is always safe.
-    key_ttl: timedelta | None = timedelta(hours=24)
 
     def __init__(
         self,
@@ -70,36 +72,61 @@ class RazorpayGateway:
     def _remember_status(self, response: requests.Response, *_: Any, **__: Any) -> None:
         self._status.code = response.status_code
 
-    def _call(self, what: str, call: Callable[[], T], *, effectful: bool = False) -> T:
+    def _call(
+        self,
+        what: str,
+        call: Callable[[], Any],
+        read: Callable[[Any, str], T],
+        *,
+        effectful: bool = False,
+    ) -> T:
+        """Make the SDK call and read its answer with `read(answer, where)`. Every exception
+        comes out sorted: on a call that moves money (`effectful`), anything but a clear
+        refusal or "not sent" is an unknown outcome."""
+        where = f"razorpay {what}"
         self._status.code = None
         try:
-            return call()
+            answer = call()
         except requests.ConnectTimeout as exc:  # nothing was sent
-            raise GatewayTransient(f"razorpay {what}: connect timeout") from exc
+            raise GatewayTransient(f"{where}: connect timeout") from exc
         except requests.Timeout as exc:
-            raise _maybe_done(effectful, f"razorpay {what}: timed out") from exc
+            raise _maybe_done(effectful, f"{where}: timed out") from exc
         except requests.ConnectionError as exc:
             if _refused(exc):
-                raise GatewayTransient(f"razorpay {what}: connection refused") from exc
-            raise _maybe_done(effectful, f"razorpay {what}: connection lost") from exc
+                raise GatewayTransient(f"{where}: connection refused") from exc
+            raise _maybe_done(effectful, f"{where}: connection lost") from exc
         except (
             razorpay.errors.BadRequestError,
             razorpay.errors.GatewayError,
             razorpay.errors.ServerError,
             requests.JSONDecodeError,
         ) as exc:
-            raise self._sort(what, exc) from exc
+            raise self._sort(where, exc, effectful) from exc
+        except Exception as exc:  # the SDK failed in a way it does not document
+            message = f"{where}: unexpected {type(exc).__name__}: {exc}"
+            raise _maybe_done(effectful, message) from exc
+        try:
+            return read(answer, where)
+        except GatewayMalformed as exc:
+            if effectful:  # it answered 200: the refund may well exist
+                raise OutcomeUnknown(f"{exc}; the request may have taken effect") from exc
+            raise
 
-    def _sort(self, what: str, exc: Exception) -> Exception:
+    def _sort(self, where: str, exc: Exception, effectful: bool) -> Exception:
         status = getattr(self._status, "code", None)
-        message = f"razorpay {what}: HTTP {status}: {exc}"
-        if status is not None and (status in (409, 429) or status >= 500):
+        message = f"{where}: HTTP {status}: {exc}"
+        if status in (409, 429, 503):  # not processed: send again later
             return GatewayTransient(message)
+        if status is not None and status >= 500:
+            return _maybe_done(effectful, message)
+        if effectful and _key_used_before(exc):
+            # The key was used before with another body: that request may have refunded.
+            return OutcomeUnknown(message)
         if status == 404 or (status == 400 and "does not exist" in str(exc)):
             return GatewayNotFound(message)
         if isinstance(exc, razorpay.errors.BadRequestError) or (status and status < 500):
             return GatewayPermanent(message)
-        return GatewayTransient(message)
+        return _maybe_done(effectful, message)
 
     def submit_refund(self, request: RefundRequest) -> GatewayRefund:
         body = {
@@ -108,7 +135,7 @@ class RazorpayGateway:
             "notes": request.reference(),
             "receipt": f"refund-{request.refund_id}",
         }
-        entity = self._call(
+        return self._call(
             "refund.create",
             lambda: self._client.payment.refund(
                 request.gateway_payment_id,
@@ -116,40 +143,40 @@ class RazorpayGateway:
                 timeout=self._timeout,
                 headers={"X-Refund-Idempotency": request.idempotency_key},
             ),
+            _refund,
             effectful=True,
         )
-        return _refund(entity)
 
     def fetch_refund(self, gateway_payment_id: str, refund_id: str) -> GatewayRefund:
-        return _refund(
-            self._call(
-                "refund.fetch", lambda: self._client.refund.fetch(refund_id, timeout=self._timeout)
-            )
+        return self._call(
+            "refund.fetch",
+            lambda: self._client.refund.fetch(refund_id, timeout=self._timeout),
+            _refund,
         )
 
     def find_refund(self, request: RefundRequest) -> GatewayRefund | None:
         skip = 0
         while True:
-            page = self._call(
+            entities = self._call(
                 "payment.refunds",
                 lambda skip=skip: self._client.payment.fetch_multiple_refund(
                     request.gateway_payment_id, {"count": PAGE, "skip": skip}, timeout=self._timeout
                 ),
+                lambda page, where: items_of(page, "items", where),
             )
-            for entity in page.get("items", []):
-                found = _refund(entity)
-                if found.idempotency_key == request.idempotency_key:
-                    return found
-            if len(page.get("items", [])) < PAGE:
+            where = "razorpay payment.refunds"
+            for entity in entities:
+                if reference_key(entity, "notes", where) == request.idempotency_key:
+                    return _refund(entity, where, listed=True)
+            if len(entities) < PAGE:
                 return None
             skip += PAGE
 
     def fetch_payment(self, payment_id: str) -> GatewayPayment:
-        return _payment(
-            self._call(
-                "payment.fetch",
-                lambda: self._client.payment.fetch(payment_id, timeout=self._timeout),
-            )
+        return self._call(
+            "payment.fetch",
+            lambda: self._client.payment.fetch(payment_id, timeout=self._timeout),
+            _payment,
         )
 
     def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
@@ -172,11 +199,14 @@ class RazorpayGateway:
             "count": PAGE,
             "skip": skip,
         }
-        page = self._call(
-            "payment.list", lambda: self._client.payment.all(query, timeout=self._timeout)
+        entities = self._call(
+            "payment.list",
+            lambda: self._client.payment.all(query, timeout=self._timeout),
+            lambda page, where: items_of(page, "items", where),
         )
-        entities = page.get("items", [])
-        return PaymentPage(entities, str(skip + PAGE) if len(entities) == PAGE else None, _payment)
+        return PaymentPage(
+            entities, str(skip + PAGE) if len(entities) == PAGE else None, _listed_payment
+        )
 
 
 def _maybe_done(effectful: bool, message: str) -> Exception:
@@ -188,25 +218,40 @@ def _refused(exc: requests.ConnectionError) -> bool:
     return "NewConnectionError" in repr(exc) or "Connection refused" in str(exc)
 
 
-def _refund(entity: dict[str, Any]) -> GatewayRefund:
-    notes = entity.get("notes") or {}
+def _key_used_before(exc: Exception) -> bool:
+    """Razorpay's refusal of an idempotency key already used with another request."""
+    text = str(exc).lower()
+    return "idempotency" in text and "required" not in text
+
+
+def _refund(entity: Any, where: str = "razorpay refund", *, listed: bool = False) -> GatewayRefund:
+    """A refund entity. One found in a payment's refund listing may come without `status`
+    (Razorpay's own examples): it exists, so it is PROCESSING until fetched by its id."""
+    raw = entity.get("status") if listed and isinstance(entity, dict) else None
+    if not listed or raw is not None:
+        raw = need(entity, "status", str, where)
     return GatewayRefund(
-        id=entity["id"],
-        status=refund_status("razorpay", entity["status"]),
-        raw_status=entity["status"],
-        amount=int(entity["amount"]),
-        currency=entity["currency"].upper(),
-        idempotency_key=notes.get("backstop_idempotency_key") if isinstance(notes, dict) else None,
+        id=need(entity, "id", str, where),
+        status=refund_status("razorpay", raw) if raw is not None else "PROCESSING",
+        raw_status=raw if raw is not None else "(not listed)",
+        amount=need(entity, "amount", int, where),
+        currency=need(entity, "currency", str, where).upper(),
+        idempotency_key=reference_key(entity, "notes", where),
     )
 
 
-def _payment(entity: dict[str, Any]) -> GatewayPayment:
+def _payment(entity: Any, where: str = "razorpay payment") -> GatewayPayment:
+    order_id = entity.get("order_id") if isinstance(entity, dict) else None
     return GatewayPayment(
-        id=entity["id"],
-        status=payment_status("razorpay", entity["status"]),
-        raw_status=entity["status"],
-        amount=int(entity["amount"]),
-        currency=entity["currency"].upper(),
-        created_at=datetime.fromtimestamp(int(entity["created_at"]), UTC),
-        order_id=entity.get("order_id"),
+        id=need(entity, "id", str, where),
+        status=payment_status("razorpay", raw := need(entity, "status", str, where)),
+        raw_status=raw,
+        amount=need(entity, "amount", int, where),
+        currency=need(entity, "currency", str, where).upper(),
+        created_at=timestamp(entity, "created_at", where),
+        order_id=order_id if isinstance(order_id, str) else None,
     )
+
+
+def _listed_payment(entity: Any) -> GatewayPayment:
+    return _payment(entity, "razorpay payment.list")

@@ -186,6 +186,7 @@ class SimulatorState:
         self._by_key: Counter[str] = Counter()
         self._by_reference: Counter[str] = Counter()
         self._hooks: list[tuple[str, int, Callable[[SimulatorState], object]]] = []
+        self._reshapers: dict[str, Callable[[Any], Any]] = {}
 
     # -- control ------------------------------------------------------------------------------
 
@@ -366,6 +367,22 @@ class SimulatorState:
             self._hooks = [hook for hook in self._hooks if hook not in due]
         for _, _, callback in due:
             callback(self)
+
+    def reshape(self, endpoint: str | None, transform: Callable[[Any], Any] | None) -> None:
+        """Answer `endpoint` with `transform(body)` instead of its body, to test how the
+        adapters read odd answers (in-process only); `reshape(None, None)` undoes them all."""
+        with self._lock:
+            if endpoint is None:
+                self._reshapers.clear()
+            elif transform is None:
+                self._reshapers.pop(endpoint, None)
+            else:
+                self._reshapers[endpoint] = transform
+
+    def _reshaped(self, endpoint: str, body: Any) -> Any:
+        with self._lock:
+            transform = self._reshapers.get(endpoint)
+        return body if transform is None else transform(body)
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -1087,7 +1104,7 @@ def create_app(state: SimulatorState) -> Flask:
             if not authorized(gateway):
                 raise _auth_error(gateway)
             body, headers = operation()
-            response = _json(body, 200, headers)
+            response = _json(state._reshaped(endpoint, body), 200, headers)
         except SimulatorError as exc:
             response = _error_response(gateway, exc)
         state._answered(endpoint)

@@ -10,12 +10,13 @@ of reading it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import stripe
 
 from workers.gateways.base import (
+    GatewayMalformed,
     GatewayNotFound,
     GatewayPayment,
     GatewayPermanent,
@@ -24,8 +25,12 @@ from workers.gateways.base import (
     OutcomeUnknown,
     PaymentPage,
     RefundRequest,
+    items_of,
+    need,
     payment_status,
+    reference_key,
     refund_status,
+    timestamp,
 )
 from workers.gateways.http import http_session
 
@@ -36,7 +41,6 @@ PAGE = 100  # Stripe's largest `limit`
 
 class StripeGateway:
     name = "stripe"
-    key_ttl: timedelta | None = timedelta(hours=24)  # Stripe prunes keys after 24 hours
 
     def __init__(
         self, api_key: str, api_base: str | None, timeout: float, connections: int = 10
@@ -53,15 +57,35 @@ class StripeGateway:
         )
         self._v1 = self._client.v1
 
-    def _call(self, what: str, call: Callable[[], T], *, effectful: bool = False) -> T:
+    def _call(
+        self,
+        what: str,
+        call: Callable[[], Any],
+        read: Callable[[Any, str], T],
+        *,
+        effectful: bool = False,
+    ) -> T:
+        """Make the SDK call and read its answer with `read(answer, where)`. Every exception
+        comes out sorted: on a call that moves money (`effectful`), anything but a clear
+        refusal or "not sent" is an unknown outcome."""
+        where = f"stripe {what}"
         try:
-            return call()
+            answer = call()
         except stripe.APIConnectionError as exc:
-            message = f"stripe {what}: {exc.user_message or exc}"
+            message = f"{where}: {exc.user_message or exc}"
             # The SDK cannot tell a refused connection from one lost after sending.
-            raise (OutcomeUnknown(message) if effectful else GatewayTransient(message)) from exc
+            raise _maybe_done(effectful, message) from exc
         except stripe.StripeError as exc:
-            raise _sort(what, exc) from exc
+            raise _sort(where, exc, effectful) from exc
+        except Exception as exc:  # the SDK failed in a way it does not document
+            message = f"{where}: unexpected {type(exc).__name__}: {exc}"
+            raise _maybe_done(effectful, message) from exc
+        try:
+            return read(plain(answer), where)
+        except GatewayMalformed as exc:
+            if effectful:  # it answered 200: the refund may well exist
+                raise OutcomeUnknown(f"{exc}; the request may have taken effect") from exc
+            raise
 
     def submit_refund(self, request: RefundRequest) -> GatewayRefund:
         params: dict[str, Any] = {
@@ -69,37 +93,43 @@ class StripeGateway:
             "amount": request.amount,
             "metadata": request.reference(),
         }
-        refund = self._call(
+        return self._call(
             "refund.create",
             lambda: self._v1.refunds.create(
                 params=params, options={"idempotency_key": request.idempotency_key}
             ),
+            _refund,
             effectful=True,
         )
-        return _refund(refund)
 
     def fetch_refund(self, gateway_payment_id: str, refund_id: str) -> GatewayRefund:
-        return _refund(self._call("refund.fetch", lambda: self._v1.refunds.retrieve(refund_id)))
+        return self._call("refund.fetch", lambda: self._v1.refunds.retrieve(refund_id), _refund)
 
     def find_refund(self, request: RefundRequest) -> GatewayRefund | None:
         params: dict[str, Any] = {"payment_intent": request.gateway_payment_id, "limit": PAGE}
+        where = "stripe refund.list"
         while True:
             page = self._call(
-                "refund.list", lambda params=params: self._v1.refunds.list(params=dict(params))
+                "refund.list",
+                lambda params=params: self._v1.refunds.list(params=dict(params)),
+                lambda page, where: (items_of(page, "data", where), page.get("has_more")),
             )
-            for refund in page.data:
-                found = _refund(refund)
-                if found.idempotency_key == request.idempotency_key:
-                    return found
-            if not page.has_more or not page.data:
+            entities, more = page
+            for entity in entities:
+                if reference_key(entity, "metadata", where) == request.idempotency_key:
+                    return _refund(entity, where)
+            if more is not True or not entities:
                 return None
-            params["starting_after"] = page.data[-1].id
+            after = need(entities[-1], "id", str, where)
+            if after == params.get("starting_after"):
+                raise GatewayMalformed(f"{where}: the listing does not move past {after}")
+            params["starting_after"] = after
 
     def fetch_payment(self, payment_id: str) -> GatewayPayment:
-        return _payment(
-            self._call(
-                "payment_intent.fetch", lambda: self._v1.payment_intents.retrieve(payment_id)
-            )
+        return self._call(
+            "payment_intent.fetch",
+            lambda: self._v1.payment_intents.retrieve(payment_id),
+            _payment,
         )
 
     def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
@@ -118,54 +148,71 @@ class StripeGateway:
         }
         if cursor is not None:
             params["starting_after"] = cursor
-        response = self._call(
+        entities, more = self._call(
             "payment_intent.list",
-            lambda: self._client.raw_request("get", "/v1/payment_intents", **params),
+            lambda: self._client.raw_request("get", "/v1/payment_intents", **params).data,
+            lambda page, where: (items_of(page, "data", where), page.get("has_more") is True),
         )
-        body = response.data
-        entities = body["data"]
-        more = bool(body.get("has_more")) and bool(entities)
-        return PaymentPage(entities, entities[-1]["id"] if more else None, _payment_dict)
+        last = entities[-1] if more and entities else None
+        after = need(last, "id", str, "stripe payment_intent.list") if last else None
+        if after is not None and after == cursor:
+            raise GatewayMalformed(
+                f"stripe payment_intent.list: the listing does not move past {after}"
+            )
+        return PaymentPage(entities, after, _listed_payment)
 
 
-def _sort(what: str, exc: stripe.StripeError) -> Exception:
+def _maybe_done(effectful: bool, message: str) -> Exception:
+    return OutcomeUnknown(message) if effectful else GatewayTransient(message)
+
+
+def _sort(where: str, exc: stripe.StripeError, effectful: bool) -> Exception:
     status = exc.http_status
-    message = f"stripe {what}: HTTP {status}: {exc.user_message or exc}"
+    message = f"{where}: HTTP {status}: {exc.user_message or exc}"
+    if isinstance(exc, stripe.IdempotencyError):
+        # Same key, other parameters: the key was used before, and that request may have
+        # refunded. Asking the gateway tells; sending again cannot.
+        return OutcomeUnknown(message) if effectful else GatewayPermanent(message)
     if status == 404 and getattr(exc, "code", None) == "resource_missing":
         return GatewayNotFound(message)
-    if isinstance(exc, stripe.RateLimitError | stripe.APIError) or (
-        status is not None
-        and (status in (409, 429) or status >= 500)
-        and not isinstance(exc, stripe.IdempotencyError)
-    ):
-        return GatewayTransient(message)
+    if isinstance(exc, stripe.RateLimitError) or status in (409, 429, 503):
+        return GatewayTransient(message)  # not processed: send again later
+    if isinstance(exc, stripe.APIError) or status is None or status >= 500 or status < 400:
+        # A server error, or a 2xx body the SDK could not read: it may have been processed.
+        return _maybe_done(effectful, message)
     return GatewayPermanent(message)
 
 
-def _refund(obj: Any) -> GatewayRefund:
-    refund = obj.to_dict()  # a StripeObject is no dict in SDK 16; its plain form is
-    metadata = refund.get("metadata") or {}
+def plain(answer: Any) -> Any:
+    """The JSON the gateway sent: a StripeObject is no dict in SDK 16; its plain form is."""
+    to_dict = getattr(answer, "to_dict", None)
+    return to_dict() if callable(to_dict) else answer
+
+
+def _refund(refund: Any, where: str = "stripe refund") -> GatewayRefund:
     return GatewayRefund(
-        id=refund["id"],
-        status=refund_status("stripe", refund["status"]),
-        raw_status=refund["status"],
-        amount=int(refund["amount"]),
-        currency=str(refund["currency"]).upper(),
-        idempotency_key=metadata.get("backstop_idempotency_key"),
+        id=need(refund, "id", str, where),
+        status=refund_status("stripe", raw := need(refund, "status", str, where)),
+        raw_status=raw,
+        amount=need(refund, "amount", int, where),
+        currency=need(refund, "currency", str, where).upper(),
+        idempotency_key=reference_key(refund, "metadata", where),
     )
 
 
-def _payment(obj: Any) -> GatewayPayment:
-    return _payment_dict(obj.to_dict())
-
-
-def _payment_dict(intent: dict[str, Any]) -> GatewayPayment:
+def _payment(intent: Any, where: str = "stripe payment_intent") -> GatewayPayment:
+    metadata = intent.get("metadata") if isinstance(intent, dict) else None
+    order_id = metadata.get("order_id") if isinstance(metadata, dict) else None
     return GatewayPayment(
-        id=intent["id"],
-        status=payment_status("stripe", intent["status"]),
-        raw_status=intent["status"],
-        amount=int(intent["amount"]),
-        currency=str(intent["currency"]).upper(),
-        created_at=datetime.fromtimestamp(int(intent["created"]), UTC),
-        order_id=(intent.get("metadata") or {}).get("order_id"),
+        id=need(intent, "id", str, where),
+        status=payment_status("stripe", raw := need(intent, "status", str, where)),
+        raw_status=raw,
+        amount=need(intent, "amount", int, where),
+        currency=need(intent, "currency", str, where).upper(),
+        created_at=timestamp(intent, "created", where),
+        order_id=order_id if isinstance(order_id, str) else None,
     )
+
+
+def _listed_payment(intent: Any) -> GatewayPayment:
+    return _payment(intent, "stripe payment_intent.list")
