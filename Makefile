@@ -82,6 +82,7 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/dlq.py
 	$(PY) -m tests.services -- $(PY) bench/reconcile.py
 	$(PY) -m tests.services -- $(PY) bench/defer.py
+	$(PY) -m tests.services -- $(PY) bench/faults.py
 
 # docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).
 screenshot: install redis-server

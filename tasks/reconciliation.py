@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from config import get_settings
 from workers.base import TaskContext, task, utcnow
 from workers.dlq import precheck
+from workers.errors import Defer
 from workers.gateways.registry import get_gateway
 from workers.models import ReconciliationRun
 from workers.payloads import RunReconciliation
@@ -64,6 +65,11 @@ def run(ctx: TaskContext, payload: RunReconciliation) -> dict[str, Any]:
         get_gateway,
         run_options(new_owner(f"task:{ctx.task_id}")),
     )
+    if result.outcome == "busy" and result.held_until is not None:
+        # Held by another worker, perhaps one that died (its message is this one, delivered
+        # again): look again when the lease runs out, not at the next night's run.
+        wait = (result.held_until - utcnow()).total_seconds() + 1
+        raise Defer(wait, f"reconciliation run {result.run_id} is held by {result.holder}")
     return {"run_id": result.run_id, "outcome": result.outcome, **result.counts}
 
 

@@ -4,6 +4,7 @@ own log file and process group, stopped by PID."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests import services
 
 ROOT = Path(__file__).resolve().parent.parent
 CELERY = [sys.executable, "-m", "celery", "-A", "workers"]
@@ -156,3 +159,88 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+
+
+class PostgresServer:
+    """A private PostgreSQL a bench or test may restart (fast shutdown, then start again on the
+    same port and data), run as the unprivileged `postgres` user when we are root."""
+
+    def __init__(self, folder: Path) -> None:
+        self.services = services
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.folder, entry.pw_uid, entry.pw_gid)
+        self.data = folder / "pgdata"
+        self.sockets = folder / "pgsock"
+        self.port = services._free_port()
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/backstop"
+
+    def create(self) -> None:
+        """initdb, start, and create the `backstop` database."""
+        self.sockets.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.sockets, entry.pw_uid, entry.pw_gid)
+        tool = self.services._pg_tool
+        subprocess.run(
+            [tool("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            cwd=self.folder,
+            **self.services._as_postgres(),
+        )
+        self.start()
+        subprocess.run(
+            [
+                tool("createdb"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "backstop",
+            ],
+            check=True,
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        self.popen = subprocess.Popen(
+            [self.services._pg_tool("postgres"), "-D", str(self.data), *options.split()],
+            stdout=(self.folder / "postgres.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.folder,
+            **self.services._as_postgres(),
+        )
+        self.services._wait_for_port(self.port, "postgres")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = subprocess.run(
+                [self.services._pg_tool("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                stdout=subprocess.DEVNULL,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError("postgres did not become ready")
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.services._stop(self.popen, signal.SIGINT)  # fast shutdown
+
+    def restart(self) -> None:
+        self.restarts += 1
+        self.stop()
+        self.start()

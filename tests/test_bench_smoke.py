@@ -36,3 +36,10 @@ def test_the_deferral_bench_runs_and_no_refund_reaches_an_open_gateway(
     out = run_quick("defer.py")
     assert "refunds that reached the gateway (must be 0): 0" in out
     assert "ratio baseline/ours" in out
+
+
+def test_the_fault_drills_keep_their_promises(committed: Engine, redis: Any) -> None:
+    out = run_quick("faults.py")
+    for drill in ("(a) ", "(b) ", "(c) "):
+        [line] = [line for line in out.splitlines() if line.startswith(drill)]
+        assert line.endswith("PASS"), line

@@ -153,3 +153,31 @@ def test_nightly_reconciles_on_batch_while_critical_work_goes_on(
     for secret in SECRETS.values():
         assert secret not in log and secret not in batch.output()
     assert forged not in log and '"amount":1,' not in log
+
+
+def test_a_run_held_by_a_dead_worker_is_taken_over_when_its_lease_runs_out(
+    committed: Engine,
+    start_worker: Callable[..., Proc],
+    simulator_server: Any,
+    sim: Any,
+) -> None:
+    """A worker died holding a run; its message, delivered again, finds the lease held. It
+    comes back when the lease runs out instead of saying `busy` and leaving the run to the
+    next night's job."""
+    from workers.db import session_scope
+    from workers.reconciliation import open_run
+
+    worker = start_worker(**env(simulator_server, sim), queues="batch")
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    with session_scope() as session:
+        run_id = open_run(
+            session, "razorpay", day - timedelta(days=1), day, now=datetime.now(UTC), actor="test"
+        )
+        session.get(ReconciliationRun, run_id).owner = "task:died"
+        session.get(ReconciliationRun, run_id).lease_until = datetime.now(UTC) + timedelta(
+            seconds=3
+        )
+    app.send_task("reconciliation.run", kwargs={"run_id": run_id})
+    wait_until(lambda: runs(committed)[0].status == "COMPLETED", timeout=60)
+    assert "task.deferred" in worker.output()
+    assert runs(committed)[0].owner != "task:died"

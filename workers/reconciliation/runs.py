@@ -219,6 +219,7 @@ class RunResult:
     outcome: str  # completed, already_completed, busy, lease_lost
     counts: dict[str, int]
     holder: str | None = None  # busy: who holds the lease
+    held_until: datetime | None = None  # busy: until when, unless its holder renews it
 
 
 def claim_run(
@@ -248,14 +249,14 @@ def claim_run(
     ).rowcount
     if not taken:
         holder = session.execute(
-            select(ReconciliationRun.owner, ReconciliationRun.status).where(
-                ReconciliationRun.id == run_id
-            )
+            select(
+                ReconciliationRun.owner, ReconciliationRun.status, ReconciliationRun.lease_until
+            ).where(ReconciliationRun.id == run_id)
         ).one()
         session.commit()
         if holder.status == "COMPLETED":
             return RunResult(run_id, "already_completed", {})
-        return RunResult(run_id, "busy", {}, holder=holder.owner)
+        return RunResult(run_id, "busy", {}, holder=holder.owner, held_until=holder.lease_until)
     transition(
         session,
         "reconciliation_runs",
