@@ -151,7 +151,12 @@ def send(claim: Claim, now: datetime) -> GatewayRefund:
     gateway = claim.gateway
     assert claim.request is not None and gateway is not None
     if claim.key_sent_at is not None:
-        found = gateway.find_refund(claim.request)
+        try:
+            found = gateway.find_refund(claim.request)
+        except GatewayPermanent as refused:  # cannot ask (auth, a 4xx): still unknown, not FAILED
+            raise OutcomeUnknown(
+                f"the refund an earlier attempt may have made cannot be looked up: {refused}"
+            ) from refused
         if found is not None:
             return found
     return gateway.submit_refund(claim.request)

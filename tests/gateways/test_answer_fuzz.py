@@ -93,8 +93,11 @@ def reshaped(value: Any, choices: Choices, depth: int = 0) -> Any:
 
 def odd_answers(choices: Choices) -> Callable[[Any], Any]:
     def transform(body: Any) -> Any:
-        if choices.pick(10) == 0:  # now and then, another body altogether
+        pick = choices.pick(20)
+        if pick == 0:  # now and then, another body altogether
             return choices.odd_value()
+        if pick == 1:  # or one that is not JSON: truncated, or a proxy's page
+            return b'{"id": "rfnd_' if choices.pick(2) else b"<html>502 Bad Gateway</html>"
         return reshaped(body, choices)
 
     return transform
@@ -161,6 +164,20 @@ def test_a_listing_whose_items_carry_no_status_still_finds_our_refund(
     sim.reshape("razorpay.payment.refunds", no_status)
     found = gateways["razorpay"].find_refund(request(payment, "razorpay"))
     assert found is not None and (found.id, found.status) == (made.id, "PROCESSING")
+
+
+@pytest.mark.parametrize("name", ["razorpay", "stripe"])
+@pytest.mark.parametrize("body", [b'{"id": "rfnd_', b"<html>Bad Gateway</html>"])
+def test_a_refund_answered_with_a_body_that_is_not_json_is_an_unknown_outcome(
+    sim: Any, gateways: dict[str, Any], name: str, body: bytes
+) -> None:
+    """A 200 whose body is cut short or is a proxy's page: the refund was made; calling it a
+    refusal would fail the attempt and let a new key refund the customer again."""
+    payment = paid(sim, name)
+    sim.reshape(ENDPOINTS[(name, "submit_refund")], lambda _: body)
+    with pytest.raises(OutcomeUnknown):
+        gateways[name].submit_refund(request(payment, name))
+    assert sim.effects()["refunds_created"] == 1
 
 
 @pytest.mark.parametrize("name", ["razorpay", "stripe"])

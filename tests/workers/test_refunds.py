@@ -698,3 +698,21 @@ def test_one_unreadable_answer_in_a_chunk_keeps_the_others(
     }
     assert list(checked.retry) == [ids[1]] and "'status'" in str(checked.retry[ids[1]])
     assert {refund(i).status for i in (ids[0], ids[2])} == {"COMPLETED"}
+
+
+def test_a_lookup_the_gateway_refuses_before_a_resend_leaves_the_refund_unknown_not_failed(
+    committed: Engine, sim: Any, gateways: dict[str, Any]
+) -> None:
+    """The first request's answer was lost; before sending the key again the refund it may
+    have made is looked up, and the lookup is refused (say, keys being rotated). FAILED would
+    let a new attempt with a new key refund the customer twice."""
+    refund_id = add_refund(sim, "stripe")
+    sim.add_fault("stripe.refund.create", "lost", hang_seconds=1, remaining=1)
+    with pytest.raises(OutcomeUnknown):
+        submit(refund_id, gateways)
+    sim.add_fault("stripe.refund.list", "401", remaining=1)
+    with pytest.raises(OutcomeUnknown, match="cannot be looked up"):
+        submit(refund_id, gateways, Clock(T0 + LEASE))
+    assert refund(refund_id).status == "PENDING"
+    assert submit(refund_id, gateways, Clock(T0 + 2 * LEASE)) == "COMPLETED"
+    assert sim.effects()["refunds_created"] == 1 and made_once(sim)

@@ -117,7 +117,14 @@ class RazorpayGateway:
         message = f"{where}: HTTP {status}: {exc}"
         if status in (409, 429, 503):  # not processed: send again later
             return GatewayTransient(message)
-        if status is not None and status >= 500:
+        if (
+            status is None
+            or status < 400
+            or status >= 500
+            or isinstance(exc, requests.JSONDecodeError)
+        ):
+            # A server error, or a success (2xx) whose body is not JSON (a truncated answer, a
+            # proxy's page): the request may have been processed.
             return _maybe_done(effectful, message)
         if effectful and _key_used_before(exc):
             # The key was used before with another body: that request may have refunded.

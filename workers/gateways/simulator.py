@@ -48,7 +48,7 @@ ENDPOINTS = (
     "stripe.refund.fetch",
     "stripe.refund.list",
 )
-FAULT_KINDS = ("latency", "429", "500", "502", "503", "timeout", "lost")
+FAULT_KINDS = ("latency", "401", "429", "500", "502", "503", "timeout", "lost")
 
 PAYMENT_STATUSES = {
     RAZORPAY: frozenset({"created", "authorized", "captured", "failed"}),
@@ -369,8 +369,9 @@ class SimulatorState:
             callback(self)
 
     def reshape(self, endpoint: str | None, transform: Callable[[Any], Any] | None) -> None:
-        """Answer `endpoint` with `transform(body)` instead of its body, to test how the
-        adapters read odd answers (in-process only); `reshape(None, None)` undoes them all."""
+        """Answer `endpoint` with `transform(body)` instead of its body (bytes are sent as they
+        are, as JSON that is not), to test how the adapters read odd answers (in-process only);
+        `reshape(None, None)` undoes them all."""
         with self._lock:
             if endpoint is None:
                 self._reshapers.clear()
@@ -1040,7 +1041,10 @@ def _error_response(gateway: str, error: SimulatorError) -> Response:
 
 
 def _fault_error(gateway: str, status: int) -> SimulatorError:
-    """What the gateway says when it is overloaded or broken; never the result of an effect."""
+    """What the gateway says when it is overloaded or broken, or (401) when it stops taking
+    our keys for a while; never the result of an effect."""
+    if status == 401:
+        return _auth_error(gateway)
     if status == 429:
         if gateway == RAZORPAY:
             return SimulatorError(429, "Too many requests")
@@ -1104,7 +1108,12 @@ def create_app(state: SimulatorState) -> Flask:
             if not authorized(gateway):
                 raise _auth_error(gateway)
             body, headers = operation()
-            response = _json(state._reshaped(endpoint, body), 200, headers)
+            answer = state._reshaped(endpoint, body)
+            response = (
+                Response(answer, status=200, headers=dict(headers), mimetype="application/json")
+                if isinstance(answer, bytes)  # a body that is not JSON at all
+                else _json(answer, 200, headers)
+            )
         except SimulatorError as exc:
             response = _error_response(gateway, exc)
         state._answered(endpoint)
