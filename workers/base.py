@@ -164,42 +164,51 @@ class TaskRequest(Request):  # type: ignore[misc]
     def on_failure(
         self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
     ) -> None:
-        """A task whose pool process died under it (`WorkerLostError`) is put back on the queue
-        (`reject_on_worker_lost`). One that kills its process every time would come back for
-        ever: after TASK_MAX_PROCESS_DEATHS deaths it is dead-lettered and acked instead."""
+        """Two failures the task never saw, reported here in the worker's main process:
+
+        - The hard time limit: the pool killed the task's process, and Celery acks the message
+          as failed (this call comes before `on_timeout`). The task is dead-lettered first; if
+          even that fails, the message goes back to its queue instead of being acked.
+        - The task's pool process died (`WorkerLostError`): Celery puts it back on its queue
+          (`reject_on_worker_lost`). One that kills its process every time would come back
+          for ever: after TASK_MAX_PROCESS_DEATHS deaths it is dead-lettered and acked.
+        """
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
-        if isinstance(exc, WorkerLostError) and self._task.acks_late:
+        if worker_state.should_terminate:
+            pass  # the worker is shutting down: the task did nothing wrong
+        elif isinstance(exc, TimeLimitExceeded):
+            limit = exc.args[0] if exc.args else get_settings().TASK_TIME_LIMIT_SECONDS
+            failure = TimeLimitExceeded(f"killed at the hard time limit of {limit}s")
+            if not self.keep(failure):
+                self.reject(requeue=True)
+        elif isinstance(exc, WorkerLostError) and self._task.acks_late:
             deaths = count_process_deaths(self.id)
             limit = get_settings().TASK_MAX_PROCESS_DEATHS
             if deaths is not None and deaths >= limit:
-                self._task.dead_letter(
-                    TaskKillsItsProcess(
-                        f"the worker process running it died {deaths} times "
-                        f"(TASK_MAX_PROCESS_DEATHS={limit}): {one_line(exc)}"
-                    ),
-                    task_id=self.id,
-                    args=self._args if isinstance(self._args, list | tuple) else (),
-                    kwargs=self._kwargs if isinstance(self._kwargs, dict) else {},
-                    headers=self._request_dict,
-                    attempts=int(self._request_dict.get("retries") or 0) + 1,
+                failure = TaskKillsItsProcess(
+                    f"the worker process running it died {deaths} times "
+                    f"(TASK_MAX_PROCESS_DEATHS={limit}): {one_line(exc)}"
                 )
-                self.acknowledge()  # Celery's own requeue of it is then a no-op
+                if self.keep(failure):
+                    self.acknowledge()  # Celery's own requeue of it is then a no-op
         super().on_failure(exc_info, send_failed_event, return_ok)
 
-    def on_timeout(self, soft: bool, timeout: float) -> None:
-        """At the hard time limit the pool kills the task's process and Celery acks the
-        message as failed: the task is dead-lettered first, from the worker's main process,
-        so it is not lost. (The soft limit is an exception in the task, handled there.)"""
-        if not soft and not worker_state.should_terminate:
+    def keep(self, failure: Exception) -> bool:
+        """Dead-letter this message's task with `failure`; False if the letter could not be
+        written (the caller then leaves the message to the broker)."""
+        try:
             self._task.dead_letter(
-                TimeLimitExceeded(f"killed at the hard time limit of {timeout:g}s"),
+                failure,
                 task_id=self.id,
                 args=self._args if isinstance(self._args, list | tuple) else (),
                 kwargs=self._kwargs if isinstance(self._kwargs, dict) else {},
                 headers=self._request_dict,
                 attempts=int(self._request_dict.get("retries") or 0) + 1,
             )
-        super().on_timeout(soft, timeout)
+        except Exception as error:
+            log.error("dead_letter.write_failed", extra={"error": one_line(error)})
+            return False
+        return True
 
 
 class BackstopTask(Task):  # type: ignore[misc]
@@ -268,8 +277,11 @@ class BackstopTask(Task):  # type: ignore[misc]
         send(self.name, dict(kwargs), countdown=countdown, headers=headers)
         letter = self.dead_letter_id()
         if letter is not None:  # a replay still waiting is not a replay that was lost
-            with session_scope() as session:
-                dlq.replay_waiting(session, letter, utcnow())
+            try:
+                with session_scope() as session:
+                    dlq.replay_waiting(session, letter, utcnow())
+            except Exception as error:  # the deferral is sent: never a second copy by a retry
+                log.warning("dead_letter.not_marked_waiting", extra={"error": one_line(error)})
         return "deferred"
 
     def dead_letter_id(self) -> int | None:

@@ -130,8 +130,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "deferred-too-long",
         "manual",
-        "its gateway's circuit breaker stayed open for longer than TASK_DEFER_MAX_SECONDS: "
-        "see to the gateway, then replay",
+        "it deferred for longer than TASK_DEFER_MAX_SECONDS (its gateway's circuit breaker "
+        "stayed open, or its work stayed held elsewhere): see to the cause, then replay",
         error_type="DeferredTooLong",
     ),
     Rule(

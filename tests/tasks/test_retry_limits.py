@@ -317,6 +317,29 @@ def test_a_task_killed_at_its_hard_time_limit_is_dead_lettered_not_lost(
     wait_until(lambda: re.search(r"observe\.ok\[[0-9a-f-]+\] succeeded", worker.output()))
 
 
+def test_a_task_killed_at_its_hard_limit_while_its_letter_cannot_be_written_runs_again(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    """Celery acks a killed task's message right after telling us; if the dead letter cannot
+    be written at that moment (the table locked, here), the message goes back to its queue
+    instead, and the task is dead-lettered on its next kill."""
+    worker = observe_worker(
+        start_worker,
+        TASK_SOFT_TIME_LIMIT_SECONDS="1",
+        TASK_TIME_LIMIT_SECONDS="2",
+        DB_LOCK_TIMEOUT_MS="200",
+    )
+    with committed.connect() as conn:
+        conn.begin()
+        conn.execute(text("LOCK TABLE dead_letters IN ACCESS EXCLUSIVE MODE"))
+        app.send_task("observe.stubborn", kwargs={"seconds": 20}, queue="default")
+        wait_until(lambda: "dead_letter.write_failed" in worker.output(), timeout=30)
+        conn.rollback()
+    [letter] = wait_until(lambda: letters(committed), timeout=30)
+    assert letter.error_type == "TimeLimitExceeded"
+    assert worker.output().count("observe.soft_limit_ignored") == 2  # it ran twice
+
+
 def test_a_task_deferred_past_its_limit_becomes_a_dead_letter_for_a_person(
     committed: Engine, start_worker: Callable[..., Proc], redis: Any
 ) -> None:
