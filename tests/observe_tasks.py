@@ -73,6 +73,15 @@ def defer(ctx: TaskContext, payload: Token) -> int:
     return attempt
 
 
+@task("observe.long", payload=Token)
+def long(ctx: TaskContext, payload: Token) -> int:
+    """Counts its runs and takes `failures` seconds: a task still running when the broker
+    connection drops."""
+    runs = _count(payload.token)
+    time.sleep(payload.failures)
+    return runs
+
+
 @task("observe.always_defer", payload=Token)
 def always_defer(ctx: TaskContext, payload: Token) -> None:
     """A gateway whose breaker never closes: counts its runs, defers every time."""

@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.state import active_requests
 
@@ -84,16 +85,37 @@ def keep(message: Any, error: Exception) -> None:
     )
 
 
+def running_tags() -> set[Any]:
+    """Delivery tags of the tasks this worker runs: started, or already handed to a pool
+    process (which runs it even if the connection that brought it is gone)."""
+    running = set(active_requests) | {
+        request
+        for request in tuple(worker_state.requests.values())
+        if getattr(request, "_apply_result", None) is not None
+    }
+    return {getattr(request.message, "delivery_tag", None) for request in running}
+
+
 def taken_not_started(connection: Any) -> list[str]:
-    """Delivery tags of the messages the connection's task channel holds unacked, less those
-    whose tasks are running (they go on, and ack when they end)."""
+    """Delivery tags of the messages the connection's task channel holds unacked and whose
+    tasks have not started. The running ones are taken out of the channel's books, so that
+    closing it cannot put them back on a queue while they run (kombu restores every unacked
+    message it knows of, when Redis is reachable at that moment): they go on, and ack over a
+    new connection when they end."""
     channel = getattr(connection, "_default_channel", None)  # never opens a new one
     qos = getattr(channel, "_qos", None)
     delivered = getattr(qos, "_delivered", None)
     if not delivered:
         return []
-    running = {getattr(request.message, "delivery_tag", None) for request in tuple(active_requests)}
-    return [tag for tag in list(delivered) if tag not in running]
+    acked = getattr(qos, "_dirty", set())
+    running = running_tags()
+    waiting = []
+    for tag in list(delivered):
+        if tag in running:
+            delivered.pop(tag, None)
+        elif tag not in acked:
+            waiting.append(tag)
+    return waiting
 
 
 def put_back(connection: Any, tags: list[str]) -> None:

@@ -10,7 +10,8 @@ so Celery calls it unrecoverable and the worker process exits (about one Redis c
 under load; `tests/tasks/test_broker_crash.py`). Same symptom upstream: celery/kombu#582, #970.
 
 Here a channel keeps the parameters it connected with, so the restore can reach Redis again
-(or fail as a connection error does, which Celery handles by reconnecting).
+(or fail as a connection error does, which Celery handles by reconnecting), and so can a task
+that was running when the connection dropped and acks when it ends.
 
 And one gap of kombu's ack emulation is narrowed: a message is popped from its queue (BRPOP)
 and only then recorded as unacked (HSET). When Redis dies between the two, the message exists
@@ -25,9 +26,9 @@ from typing import Any
 
 from kombu.transport import redis
 
-# Messages popped from Redis whose unacked record Redis did not take: (payload, exchange,
-# routing key). Only the worker's consumer thread delivers messages, so a list will do.
-STRANDED: list[tuple[dict[str, Any], str, str]] = []
+# Messages popped from Redis whose unacked record Redis did not take: (delivery tag, payload,
+# exchange, routing key). Only the worker's consumer thread delivers messages: a list will do.
+STRANDED: list[tuple[str, dict[str, Any], str, str]] = []
 
 
 class QoS(redis.QoS):  # type: ignore[misc]
@@ -36,18 +37,27 @@ class QoS(redis.QoS):  # type: ignore[misc]
             super().append(message, delivery_tag)
         except self.channel.connection_errors:
             delivery = message.delivery_info
-            STRANDED.append((message._raw, delivery["exchange"], delivery["routing_key"]))
+            STRANDED.append(
+                (delivery_tag, message._raw, delivery["exchange"], delivery["routing_key"])
+            )
             raise
 
 
 def put_back_stranded(channel: Any) -> int:
-    """Publish the stranded messages again, on `channel` (a live one), first in line."""
+    """Put the stranded messages back on their queues, on `channel` (a live one), first in
+    line. One whose unacked record did reach Redis (only its answer was lost) is moved from
+    there, so it is not also put back by the visibility timeout later."""
     count = 0
+    qos = channel.qos
     while STRANDED:
-        payload, exchange, routing_key = STRANDED[0]
-        with channel.conn_or_acquire() as client, client.pipeline() as pipe:
-            channel._do_restore_message(payload, exchange, routing_key, pipe)
-            pipe.execute()
+        tag, payload, exchange, routing_key = STRANDED[0]
+        with channel.conn_or_acquire() as client:
+            if client.hexists(qos.unacked_key, tag):
+                qos.restore_by_tag(tag, client)
+            else:
+                with client.pipeline() as pipe:
+                    channel._do_restore_message(payload, exchange, routing_key, pipe)
+                    pipe.execute()
         STRANDED.pop(0)
         count += 1
     return count
@@ -59,9 +69,11 @@ class Channel(redis.Channel):  # type: ignore[misc]
 
     def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
         kept = self._kept_params if self._kept_params is not None else {}
-        if self.connection.client is None and asynchronous in kept:
-            return dict(kept[asynchronous])
-        if self.connection.client is None:
+        # Closed, the channel has no transport; collected, the transport has no client.
+        transport = self.connection
+        if transport is None or transport.client is None:
+            if asynchronous in kept:
+                return dict(kept[asynchronous])
             raise redis.redis.ConnectionError("the broker connection is closed")
         params: dict[str, Any] = super()._connparams(asynchronous=asynchronous)
         self._kept_params = {**kept, asynchronous: dict(params)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -213,3 +214,29 @@ def test_a_redis_crash_mid_burst_delays_no_notification_long_and_sends_few_twice
     )
     assert took <= 120
     assert twice <= 50  # one pump's batch, at most, was in flight at the crash
+
+
+def test_a_task_running_when_the_connection_drops_runs_once(
+    committed: Engine, start_worker: Callable[..., Proc], broker: RedisServer
+) -> None:
+    """Redis stays up but drops every client (a network blip, a proxy reset). The worker
+    reconnects; the task it was running goes on and is not also put back on its queue for a
+    second worker process to run at the same time."""
+    worker = start_worker(
+        "-I", "tests.observe_tasks", BROKER_URL=broker.url, queues="default", concurrency=2
+    )
+    client = redis.Redis.from_url(broker.url)
+    app.send_task(
+        "observe.long",
+        kwargs={"token": "blip", "failures": 6},
+        queue="default",
+        connection=Connection(broker.url),
+    )
+    wait_until(lambda: client.get("observe:blip") == b"1", timeout=30)
+    client.client_kill_filter(_type="normal", skipme=True)
+    wait_until(lambda: "Connection to broker lost" in worker.output(), timeout=30)
+    wait_until(lambda: re.search(r"observe\.long\[[0-9a-f-]+\] succeeded", worker.output()), 30)
+    time.sleep(3)  # a second run, if there were one, would have started by now
+    assert client.get("observe:blip") == b"1"
+    assert client.hlen("unacked") == 0  # acked over a new connection
+    assert worker.popen.poll() is None and "Unrecoverable error" not in worker.output()
