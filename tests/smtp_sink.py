@@ -3,6 +3,7 @@ recipients with the reply a test gives it."""
 
 from __future__ import annotations
 
+import asyncio
 import email
 import socket
 import threading
@@ -30,6 +31,7 @@ class SinkHandler:
         # address -> SMTP reply for RCPT TO, e.g. "550 5.1.1 no such user"
         self.refuse: dict[str, str] = {}
         self.connections = 0
+        self.delay = 0.0  # seconds the server takes to answer RCPT and DATA
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -42,6 +44,7 @@ class SinkHandler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        await asyncio.sleep(self.delay)
         reply = self.refuse.get(address)
         if reply:
             return reply
@@ -49,6 +52,7 @@ class SinkHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await asyncio.sleep(self.delay)
         with self.lock:
             self.messages.append(email.message_from_bytes(envelope.content))
             self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -605,6 +606,8 @@ def ask_gateways(
             )
         except (GatewayTransient, GatewayPermanent, OutcomeUnknown) as exc:
             return exc
+        except SoftTimeLimitExceeded:
+            raise  # the task's own time is up, not this refund's answer
         except Exception as exc:  # one refund's odd answer never costs the others theirs
             return GatewayTransient(f"refunds {row.id}: unexpected {type(exc).__name__}: {exc}")
 

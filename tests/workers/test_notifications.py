@@ -7,6 +7,7 @@ import base64
 import json
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -484,6 +485,34 @@ def test_a_batch_leases_its_rows_for_the_calls_it_will_make_not_for_a_full_batch
     assert sorted(one.notification_id for one in claimed) == ids
     assert {row(i).in_flight_until for i in ids} == {T0 + POLICY.lease(3)}
     assert POLICY.lease(3) < POLICY.lease(50) / 5
+
+
+def test_a_batch_slower_than_its_lease_gives_back_what_it_could_not_send(
+    committed: Engine, smtp: Any, sandbox_server: Any
+) -> None:
+    """An SMTP server slow at every step (each under the timeout, which is per step): a batch
+    would outlast its lease, and the outbox sweep would take back rows already sent. The pump
+    stops within the lease and gives the rest back, unattempted, due at once."""
+    from workers.notify.delivery import deliver_due
+
+    policy = Policy(max_attempts=3, backoff=60, max_delay=900, timeout=0.5)
+    ids = [send("email", f"guest{i}@example.com") for i in range(20)]
+    smtp.handler.delay = 0.45  # RCPT and DATA: 0.9 s an email, each step under 0.5 s
+    channels = make_channels(smtp, sandbox_server)
+    started = time.monotonic()
+    try:
+        with session_scope() as session:
+            deliver_due(session, Clock(), channels, policy, batch_size=20, time_budget=0)
+    finally:
+        channels.close()
+    took = time.monotonic() - started
+    rows = [row(i) for i in ids]
+    sent = [r for r in rows if r.status == "SENT"]
+    given_back = [r for r in rows if r.status == "PENDING"]
+    assert sent and given_back and len(sent) + len(given_back) == 20
+    assert took < policy.lease(20).total_seconds()
+    assert {(r.attempts, r.in_flight_until) for r in given_back} == {(0, None)}
+    assert len(smtp.messages) == len(sent)
 
 
 def test_concurrent_workers_never_send_one_notification_twice(

@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import ColumnElement, and_, any_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -312,7 +314,6 @@ def deliver_due(
     of outcome. Stops at a short batch, or after `time_budget` seconds with `more` set. A
     first batch that comes back full calls `helper` once (a second pump for another worker
     process: a backlog is shared out instead of waiting on one)."""
-    import time
 
     result = DueResult()
     deadline = time.monotonic() + time_budget
@@ -322,10 +323,25 @@ def deliver_due(
         if helper is not None and result.batches == 0 and len(claimed) == batch_size:
             helper()
         if claimed:
-            results = [(one, send_messages(one, channels)) for one in claimed]
+            # The lease covers one timeout per message; a server slow at every step (SMTP's
+            # timeout is per step) could outlast it, and the outbox sweep would then take rows
+            # back whose messages went out. What cannot be sent within the lease is released.
+            ends = (
+                time.monotonic()
+                + policy.lease(sum(len(c.messages) for c in claimed)).total_seconds()
+            )
+            results: list[tuple[Claimed, Sent]] = []
+            unsent: list[int] = []
+            for one in claimed:
+                needs = policy.timeout * max(len(one.messages), 1)
+                if results and time.monotonic() + needs > ends:
+                    unsent.append(one.notification_id)
+                else:  # the lease always covers the first
+                    results.append((one, send_messages(one, channels)))
             outcomes = record_deliveries(
                 session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
             )
+            release(session, unsent, clock())
             session.commit()
             for outcome in outcomes:
                 setattr(result, outcome.result, getattr(result, outcome.result) + 1)
@@ -496,6 +512,17 @@ def resolve(
     return [recipient]
 
 
+def release(session: Session, notification_ids: Sequence[int], now: datetime) -> None:
+    """Give back claimed notifications that were not attempted: their attempt uncounted,
+    their lease freed, due again at once."""
+    if notification_ids:
+        session.execute(
+            update(Notification)
+            .where(Notification.id.in_(list(notification_ids)))
+            .values(in_flight_until=None, attempts=Notification.attempts - 1, updated_at=now)
+        )
+
+
 def send_messages(claimed: Claimed, channels: Channels) -> Sent:
     """Step 2, no transaction open: each message to the channel's provider."""
     channel = getattr(channels, claimed.channel)
@@ -503,6 +530,8 @@ def send_messages(claimed: Claimed, channels: Channels) -> Sent:
     for message in claimed.messages:
         try:
             sent.refs.append(channel.send(message))
+        except SoftTimeLimitExceeded:
+            raise  # the task's own time is up: not this message's failure
         except TokenUnregistered as gone:
             sent.unregistered.append(gone)
         except (DeliveryTransient, DeliveryPermanent) as error:
@@ -698,7 +727,6 @@ def sweep_outbox(
     (a broker restart, a crash between commit and send), or the row was written by plain SQL
     with none. Each batch is claimed with SKIP LOCKED and marked enqueued before its commit,
     so two sweeps at once never send the same notification twice."""
-    import time
 
     result = SweepResult()
     deadline = time.monotonic() + time_budget
