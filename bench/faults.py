@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from kombu import Connection
 from sqlalchemy import create_engine, func, insert, select, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, service_urls, verdict  # noqa: E402
 from tests import processes  # noqa: E402
-from tests.processes import PostgresServer, Proc, RedisServer  # noqa: E402
+from tests.processes import PostgresServer, Proc, RedisServer, Sender  # noqa: E402
 from tests.smtp_sink import SmtpSink  # noqa: E402
 
 
@@ -78,33 +77,6 @@ def wait(check: Any, timeout: float, every: float = 0.5) -> bool:
             return True
         time.sleep(every)
     return bool(check())
-
-
-class Sender(threading.Thread):
-    """Sends `task` by name at a steady rate through whatever happens to Redis; a message is
-    accepted once Redis answered the publish."""
-
-    def __init__(self, url: str, task: str, payloads: list[dict[str, Any]], rate: float) -> None:
-        super().__init__(daemon=True)
-        self.url, self.task, self.gap = url, task, 1 / rate
-        self.todo = list(payloads)
-        self.accepted: list[dict[str, Any]] = []
-        self.refused = 0
-
-    def run(self) -> None:
-        from workers.celery_app import app
-
-        with Connection(self.url, connect_timeout=1) as conn:
-            while self.todo:
-                try:
-                    app.send_task(self.task, kwargs=self.todo[0], connection=conn, retry=False)
-                except Exception:
-                    self.refused += 1
-                    conn.close()
-                    time.sleep(0.2)
-                    continue
-                self.accepted.append(self.todo.pop(0))
-                time.sleep(self.gap)
 
 
 # -- (a) -----------------------------------------------------------------------------------------

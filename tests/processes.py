@@ -10,8 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tests import services
 
@@ -244,3 +246,36 @@ class PostgresServer:
         self.restarts += 1
         self.stop()
         self.start()
+
+
+class Sender(threading.Thread):
+    """Sends `task` by name at a steady rate, one message per payload, through whatever
+    happens to Redis. A message counts as accepted once Redis answered the publish; one refused
+    while Redis is down is not (the sender saw the error: it may send it again)."""
+
+    def __init__(self, url: str, task: str, payloads: list[dict[str, Any]], rate: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.task, self.gap = url, task, 1 / rate
+        self.todo = list(payloads)
+        self.accepted: list[dict[str, Any]] = []
+        self.refused = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        # Imported here: the app reads the settings when it is imported, and a bench imports
+        # this module before its environment is complete.
+        from kombu import Connection
+
+        from workers.celery_app import app
+
+        with Connection(self.url, connect_timeout=1) as conn:
+            while self.todo and not self.stop.is_set():
+                try:
+                    app.send_task(self.task, kwargs=self.todo[0], connection=conn, retry=False)
+                except Exception:
+                    self.refused += 1
+                    conn.close()
+                    time.sleep(0.2)
+                    continue
+                self.accepted.append(self.todo.pop(0))
+                time.sleep(self.gap)

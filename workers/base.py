@@ -349,27 +349,17 @@ class BackstopTask(Task):  # type: ignore[misc]
         if args:
             payload["__args__"] = list(args)
         replayed = header_int(headers, dlq.HEADER)
+        failure: dict[str, Any] = {
+            "task_id": task_id,
+            "payload": payload,
+            "error": exc,
+            "attempts": attempts,
+            "classification": kind,
+            "now": utcnow(),
+        }
         with session_scope() as session:
-            letter = replayed and dlq.replay_failed(
-                session,
-                replayed,
-                task_id=task_id,
-                payload=payload,
-                error=exc,
-                attempts=attempts,
-                classification=kind,
-                now=utcnow(),
-            )
-            letter = letter or dlq.record_dead_letter(
-                session,
-                task_name=self.name,
-                task_id=task_id,
-                payload=payload,
-                error=exc,
-                attempts=attempts,
-                classification=kind,
-                now=utcnow(),
-            )
+            letter = replayed and dlq.replay_failed(session, replayed, **failure)
+            letter = letter or dlq.record_dead_letter(session, task_name=self.name, **failure)
         log.error(
             "task.dead_lettered",
             extra={

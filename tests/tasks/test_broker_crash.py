@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import wait_until
-from tests.processes import Proc, RedisServer
+from tests.processes import Proc, RedisServer, Sender
 from tests.workers.factories import add_holds
 from workers.celery_app import app
 from workers.models import BookingHold, Notification
@@ -40,35 +39,6 @@ def broker(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
-
-
-class Sender(threading.Thread):
-    """Sends `task` by name at a steady rate, one message per payload, through the crashes. A
-    message counts as accepted once Redis answered the publish; one refused while Redis is
-    down is not (the sender sees the error and may send it again)."""
-
-    def __init__(
-        self, url: str, task: str, payloads: list[dict[str, Any]], per_second: float
-    ) -> None:
-        super().__init__(daemon=True)
-        self.url, self.task, self.gap = url, task, 1 / per_second
-        self.todo = list(payloads)
-        self.accepted: list[dict[str, Any]] = []
-        self.refused = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with Connection(self.url, connect_timeout=1, transport_options={"max_retries": 0}) as conn:
-            while self.todo and not self.stop.is_set():
-                try:
-                    app.send_task(self.task, kwargs=self.todo[0], connection=conn, retry=False)
-                except Exception:
-                    self.refused += 1
-                    conn.close()
-                    time.sleep(0.2)
-                    continue
-                self.accepted.append(self.todo.pop(0))
-                time.sleep(self.gap)
 
 
 def expired(engine: Engine, holds: list[int]) -> int:
@@ -92,7 +62,7 @@ def test_a_worker_outlives_twenty_redis_crashes_and_loses_nothing_accepted(
         session.commit()
     # No beat runs: no sweep expires a hold whose task was lost.
     worker = start_worker(BROKER_URL=broker.url, queues="critical")
-    sender = Sender(broker.url, "holds.expire", [{"hold_id": h} for h in holds], per_second=40)
+    sender = Sender(broker.url, "holds.expire", [{"hold_id": h} for h in holds], rate=40)
     sender.start()
     recoveries: list[float] = []
     try:
@@ -184,7 +154,7 @@ def test_a_redis_crash_mid_burst_delays_no_notification_long_and_sends_few_twice
         }
         for i in range(total)
     ]
-    sender = Sender(broker.url, "notifications.send", payloads, per_second=150)
+    sender = Sender(broker.url, "notifications.send", payloads, rate=150)
     sender.start()
     wait_until(lambda: len(sender.accepted) >= total // 3, timeout=60)
     broker.kill()

@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from workers.errors import PermanentError, TransientError
+
+T = TypeVar("T")
 
 
 class GatewayTransient(TransientError):
@@ -44,6 +46,28 @@ class GatewayMalformed(GatewayTransient):
     """The gateway answered in a shape we cannot read: a field missing, null or of the wrong
     type (the message names it). On a call that moves money the adapter raises
     `OutcomeUnknown` instead: the request was answered, so it may have taken effect."""
+
+
+def maybe_done(effectful: bool, message: str) -> Exception:
+    """What a call's failure is when it may have reached the gateway: on a call that moves
+    money an unknown outcome, on a read a transient error."""
+    return OutcomeUnknown(message) if effectful else GatewayTransient(message)
+
+
+def unexpected(where: str, exc: Exception, effectful: bool) -> Exception:
+    """An exception the SDK does not document: sorted like a lost answer."""
+    return maybe_done(effectful, f"{where}: unexpected {type(exc).__name__}: {exc}")
+
+
+def read_answer(answer: Any, read: Callable[[Any, str], T], where: str, effectful: bool) -> T:
+    """`read(answer, where)`; an answer it cannot read is, on a call that moves money, an
+    unknown outcome: the gateway answered 200, so the request may well have taken effect."""
+    try:
+        return read(answer, where)
+    except GatewayMalformed as exc:
+        if effectful:
+            raise OutcomeUnknown(f"{exc}; the request may have taken effect") from exc
+        raise
 
 
 def need(entity: Any, name: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -18,7 +18,6 @@ import razorpay.errors
 import requests
 
 from workers.gateways.base import (
-    GatewayMalformed,
     GatewayNotFound,
     GatewayPayment,
     GatewayPermanent,
@@ -28,11 +27,14 @@ from workers.gateways.base import (
     PaymentPage,
     RefundRequest,
     items_of,
+    maybe_done,
     need,
     payment_status,
+    read_answer,
     reference_key,
     refund_status,
     timestamp,
+    unexpected,
 )
 from workers.gateways.http import http_session
 
@@ -90,11 +92,11 @@ class RazorpayGateway:
         except requests.ConnectTimeout as exc:  # nothing was sent
             raise GatewayTransient(f"{where}: connect timeout") from exc
         except requests.Timeout as exc:
-            raise _maybe_done(effectful, f"{where}: timed out") from exc
+            raise maybe_done(effectful, f"{where}: timed out") from exc
         except requests.ConnectionError as exc:
             if _refused(exc):
                 raise GatewayTransient(f"{where}: connection refused") from exc
-            raise _maybe_done(effectful, f"{where}: connection lost") from exc
+            raise maybe_done(effectful, f"{where}: connection lost") from exc
         except (
             razorpay.errors.BadRequestError,
             razorpay.errors.GatewayError,
@@ -103,14 +105,8 @@ class RazorpayGateway:
         ) as exc:
             raise self._sort(where, exc, effectful) from exc
         except Exception as exc:  # the SDK failed in a way it does not document
-            message = f"{where}: unexpected {type(exc).__name__}: {exc}"
-            raise _maybe_done(effectful, message) from exc
-        try:
-            return read(answer, where)
-        except GatewayMalformed as exc:
-            if effectful:  # it answered 200: the refund may well exist
-                raise OutcomeUnknown(f"{exc}; the request may have taken effect") from exc
-            raise
+            raise unexpected(where, exc, effectful) from exc
+        return read_answer(answer, read, where, effectful)
 
     def _sort(self, where: str, exc: Exception, effectful: bool) -> Exception:
         status = getattr(self._status, "code", None)
@@ -125,7 +121,7 @@ class RazorpayGateway:
         ):
             # A server error, or a success (2xx) whose body is not JSON (a truncated answer, a
             # proxy's page): the request may have been processed.
-            return _maybe_done(effectful, message)
+            return maybe_done(effectful, message)
         if effectful and _key_used_before(exc):
             # The key was used before with another body: that request may have refunded.
             return OutcomeUnknown(message)
@@ -133,7 +129,7 @@ class RazorpayGateway:
             return GatewayNotFound(message)
         if isinstance(exc, razorpay.errors.BadRequestError) or (status and status < 500):
             return GatewayPermanent(message)
-        return _maybe_done(effectful, message)
+        return maybe_done(effectful, message)
 
     def submit_refund(self, request: RefundRequest) -> GatewayRefund:
         body = {
@@ -214,10 +210,6 @@ class RazorpayGateway:
         return PaymentPage(
             entities, str(skip + PAGE) if len(entities) == PAGE else None, _listed_payment
         )
-
-
-def _maybe_done(effectful: bool, message: str) -> Exception:
-    return OutcomeUnknown(message) if effectful else GatewayTransient(message)
 
 
 def _refused(exc: requests.ConnectionError) -> bool:

@@ -26,11 +26,14 @@ from workers.gateways.base import (
     PaymentPage,
     RefundRequest,
     items_of,
+    maybe_done,
     need,
     payment_status,
+    read_answer,
     reference_key,
     refund_status,
     timestamp,
+    unexpected,
 )
 from workers.gateways.http import http_session
 
@@ -74,18 +77,12 @@ class StripeGateway:
         except stripe.APIConnectionError as exc:
             message = f"{where}: {exc.user_message or exc}"
             # The SDK cannot tell a refused connection from one lost after sending.
-            raise _maybe_done(effectful, message) from exc
+            raise maybe_done(effectful, message) from exc
         except stripe.StripeError as exc:
             raise _sort(where, exc, effectful) from exc
         except Exception as exc:  # the SDK failed in a way it does not document
-            message = f"{where}: unexpected {type(exc).__name__}: {exc}"
-            raise _maybe_done(effectful, message) from exc
-        try:
-            return read(plain(answer), where)
-        except GatewayMalformed as exc:
-            if effectful:  # it answered 200: the refund may well exist
-                raise OutcomeUnknown(f"{exc}; the request may have taken effect") from exc
-            raise
+            raise unexpected(where, exc, effectful) from exc
+        return read_answer(plain(answer), read, where, effectful)
 
     def submit_refund(self, request: RefundRequest) -> GatewayRefund:
         params: dict[str, Any] = {
@@ -162,10 +159,6 @@ class StripeGateway:
         return PaymentPage(entities, after, _listed_payment)
 
 
-def _maybe_done(effectful: bool, message: str) -> Exception:
-    return OutcomeUnknown(message) if effectful else GatewayTransient(message)
-
-
 def _sort(where: str, exc: stripe.StripeError, effectful: bool) -> Exception:
     status = exc.http_status
     message = f"{where}: HTTP {status}: {exc.user_message or exc}"
@@ -179,7 +172,7 @@ def _sort(where: str, exc: stripe.StripeError, effectful: bool) -> Exception:
         return GatewayTransient(message)  # not processed: send again later
     if isinstance(exc, stripe.APIError) or status is None or status >= 500 or status < 400:
         # A server error, or a 2xx body the SDK could not read: it may have been processed.
-        return _maybe_done(effectful, message)
+        return maybe_done(effectful, message)
     return GatewayPermanent(message)
 
 
