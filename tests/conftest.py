@@ -244,3 +244,13 @@ def sandbox(sandbox_server: Any) -> Any:
     """The local SMS/push provider's state, reset: deliveries, faults, unregistered tokens."""
     sandbox_server.state.reset()
     return sandbox_server.state
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if it left a broker artifact in the checkout: kombu's filesystem transport
+    writes its exchange table to `control/` in the current directory unless told otherwise,
+    and once a test left `control/default.exchange` to be committed by accident."""
+    stray = Path(__file__).resolve().parent.parent / "control"
+    if stray.exists():
+        print(f"\nthe run left {stray} behind: a filesystem transport without control_folder")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -193,7 +193,13 @@ def test_the_embedded_broker_never_shows_a_worker_a_half_written_message(tmp_pat
     )
     folder = tmp_path / "messages"
     folder.mkdir()
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    # Every folder named: kombu's default for the exchange table is `control` in the current
+    # directory, which once left `control/default.exchange` in the checkout.
+    options = {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(tmp_path / "control"),
+    }
     with Connection(
         "filesystem://", transport="workers.embedded_broker:Transport", transport_options=options
     ) as connection:
