@@ -128,7 +128,8 @@ def reset(engine: Engine, broker: redis.Redis) -> None:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE booking_holds, state_transitions, notifications, job_runs "
+                "TRUNCATE booking_holds, state_transitions, notification_attempts, notifications, "
+                "job_runs "
                 "RESTART IDENTITY"
             )
         )
