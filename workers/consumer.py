@@ -7,7 +7,8 @@
   (reserved, or waiting for their countdown) are put back on their queues as soon as it has
   connected again. Celery drops its copies of them expecting the broker to deliver them again;
   Redis would, but only after the visibility timeout (2 hours), because the restore kombu tries
-  while closing the dead connection cannot reach a Redis that is down.
+  while closing the dead connection cannot reach a Redis that is down. The tasks still running
+  are left to finish; an ack Redis could not take is made once connected again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import logging
 from typing import Any
 
-from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.state import active_requests
 
@@ -85,37 +85,32 @@ def keep(message: Any, error: Exception) -> None:
     )
 
 
-def running_tags() -> set[Any]:
-    """Delivery tags of the tasks this worker runs: started, or already handed to a pool
-    process (which runs it even if the connection that brought it is gone)."""
-    running = set(active_requests) | {
-        request
-        for request in tuple(worker_state.requests.values())
-        if getattr(request, "_apply_result", None) is not None
-    }
-    return {getattr(request.message, "delivery_tag", None) for request in running}
-
-
-def taken_not_started(connection: Any) -> list[str]:
-    """Delivery tags of the messages the connection's task channel holds unacked and whose
-    tasks have not started. The running ones are taken out of the channel's books, so that
-    closing it cannot put them back on a queue while they run (kombu restores every unacked
-    message it knows of, when Redis is reachable at that moment): they go on, and ack over a
-    new connection when they end."""
+def unacked(connection: Any) -> dict[str, str | None]:
+    """The messages the connection's task channel holds unacked: delivery tag -> task id.
+    Closing the channel must not put them back: kombu would restore every one, running tasks
+    too, whenever Redis answers at that moment (a dropped connection, Redis still up). Which
+    to put back is decided once connected again, when the pool has settled what it runs."""
     channel = getattr(connection, "_default_channel", None)  # never opens a new one
     qos = getattr(channel, "_qos", None)
     delivered = getattr(qos, "_delivered", None)
     if not delivered:
-        return []
+        return {}
+    qos.restore_at_shutdown = False
     acked = getattr(qos, "_dirty", set())
-    running = running_tags()
-    waiting = []
-    for tag in list(delivered):
-        if tag in running:
-            delivered.pop(tag, None)
-        elif tag not in acked:
-            waiting.append(tag)
-    return waiting
+    return {
+        tag: (message.headers or {}).get("id")
+        for tag, message in list(delivered.items())
+        if tag not in acked
+    }
+
+
+def running_ids(pool: Any) -> set[str]:
+    """The tasks this worker runs and will ack itself: started, or already written to a pool
+    process (it runs them whatever became of the connection that brought them)."""
+    ids = {request.id for request in tuple(active_requests)}
+    jobs = getattr(getattr(pool, "_pool", None), "_cache", None) or {}
+    ids.update(getattr(job, "correlation_id", None) for job in tuple(jobs.values()))
+    return {task_id for task_id in ids if task_id}
 
 
 def put_back(connection: Any, tags: list[str]) -> None:
@@ -133,19 +128,25 @@ def put_back(connection: Any, tags: list[str]) -> None:
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    _orphans: list[str] = []
+    _orphans: dict[str, str | None] = {}
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
-        self._orphans = [*self._orphans, *taken_not_started(self.connection)]
+        self._orphans = {**self._orphans, **unacked(self.connection)}
         super().on_connection_error_after_connected(exc)
 
     def connect(self) -> Any:
         connection = super().connect()
-        orphans, self._orphans = self._orphans, []
-        if orphans:
-            put_back(connection, orphans)
+        channel = connection.default_channel
+        if redis_transport.UNFINISHED_ACKS:
+            count = redis_transport.finish_acks(channel)
+            log.warning("broker.acks_finished", extra={"count": count})
+        orphans, self._orphans = self._orphans, {}
+        running = running_ids(self.pool)
+        waiting = [tag for tag, task_id in orphans.items() if task_id not in running]
+        if waiting:
+            put_back(connection, waiting)
         if redis_transport.STRANDED:
-            count = redis_transport.put_back_stranded(connection.default_channel)
+            count = redis_transport.put_back_stranded(channel)
             log.warning("broker.stranded_put_back", extra={"count": count})
         return connection
 

@@ -31,7 +31,20 @@ from kombu.transport import redis
 STRANDED: list[tuple[str, dict[str, Any], str, str]] = []
 
 
+# Acks Redis did not take (it was away when the task ended): delivery tags, made again once
+# the worker has connected again, so the finished task is not run again after the
+# visibility timeout. Acks come from the consumer thread only.
+UNFINISHED_ACKS: list[str] = []
+
+
 class QoS(redis.QoS):  # type: ignore[misc]
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)
+        except self.channel.connection_errors:
+            UNFINISHED_ACKS.append(delivery_tag)
+            raise
+
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
             super().append(message, delivery_tag)
@@ -41,6 +54,19 @@ class QoS(redis.QoS):  # type: ignore[misc]
                 (delivery_tag, message._raw, delivery["exchange"], delivery["routing_key"])
             )
             raise
+
+
+def finish_acks(channel: Any) -> int:
+    """Make the acks Redis did not take, on `channel` (a live one)."""
+    qos = channel.qos
+    count = 0
+    while UNFINISHED_ACKS:
+        tag = UNFINISHED_ACKS[0]
+        with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.zrem(qos.unacked_index_key, tag).hdel(qos.unacked_key, tag).execute()
+        UNFINISHED_ACKS.pop(0)
+        count += 1
+    return count
 
 
 def put_back_stranded(channel: Any) -> int:
