@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 from config import get_settings
 from config.celery import max_countdown
 from workers.base import TaskContext, task, utcnow
-from workers.dlq import batch_precheck
 from workers.holds import expire_hold, notify_expired, sweep_expired_holds
 from workers.jobs import record_heartbeat
 from workers.models import BookingHold
@@ -20,7 +19,31 @@ from workers.payloads import ExpireHold, HoldsExpired
 log = logging.getLogger("backstop.holds")
 
 
-@task("holds.expire", payload=ExpireHold)
+def hold_still_open(
+    session: Session, payloads: list[dict[str, Any]], actor: str
+) -> list[str | None]:
+    """A replayed expiry has nothing to do once the hold is final or gone."""
+    ids = [payload.get("hold_id") for payload in payloads]
+    statuses = dict(
+        session.execute(
+            select(BookingHold.id, BookingHold.status).where(
+                BookingHold.id.in_([i for i in ids if isinstance(i, int)])
+            )
+        ).all()
+    )
+    answers: list[str | None] = []
+    for hold_id in ids:
+        status = statuses.get(hold_id)  # type: ignore[arg-type]
+        if status is None:
+            answers.append(None)  # let the task say what is wrong with the payload
+        elif status != "ACTIVE":
+            answers.append(f"hold {hold_id} is already {status}")
+        else:
+            answers.append(None)
+    return answers
+
+
+@task("holds.expire", payload=ExpireHold, batch_precheck=hold_still_open)
 def expire(ctx: TaskContext, payload: ExpireHold) -> str:
     outcome = expire_hold(ctx.session, payload.hold_id, ctx.now)
     if outcome.result == "not_due":
@@ -63,28 +86,3 @@ def sweep(ctx: TaskContext) -> dict[str, int]:
 @task("holds.expired", payload=HoldsExpired)
 def expired(ctx: TaskContext, payload: HoldsExpired) -> int:
     return notify_expired(ctx.session, list(payload.hold_ids), ctx.now)
-
-
-@batch_precheck("holds.expire")
-def hold_still_open(
-    session: Session, payloads: list[dict[str, Any]], actor: str
-) -> list[str | None]:
-    """A replayed expiry has nothing to do once the hold is final or gone."""
-    ids = [payload.get("hold_id") for payload in payloads]
-    statuses = dict(
-        session.execute(
-            select(BookingHold.id, BookingHold.status).where(
-                BookingHold.id.in_([i for i in ids if isinstance(i, int)])
-            )
-        ).all()
-    )
-    answers: list[str | None] = []
-    for hold_id in ids:
-        status = statuses.get(hold_id)  # type: ignore[arg-type]
-        if status is None:
-            answers.append(None)  # let the task say what is wrong with the payload
-        elif status != "ACTIVE":
-            answers.append(f"hold {hold_id} is already {status}")
-        else:
-            answers.append(None)
-    return answers

@@ -18,6 +18,8 @@ from workers.notify.delivery import (
     kick,
     policy_from,
     pump_started,
+    replay_delivery,
+    replay_send,
     send_notification,
     sweep_outbox,
 )
@@ -26,12 +28,12 @@ from workers.payloads import DeliverNotification, SendNotification
 SWEEP_JOB = "notifications.sweep_outbox"
 
 
-@task("notifications.send", payload=SendNotification)
+@task("notifications.send", payload=SendNotification, precheck=replay_send)
 def send(ctx: TaskContext, payload: SendNotification) -> int:
     return send_notification(ctx.session, payload, ctx.now)
 
 
-@task(DELIVER_TASK, payload=DeliverNotification)
+@task(DELIVER_TASK, payload=DeliverNotification, precheck=replay_delivery)
 def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
     outcome = deliver_notification(
         ctx.session,

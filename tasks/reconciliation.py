@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from workers.base import TaskContext, task, utcnow
-from workers.dlq import precheck
 from workers.errors import Defer
 from workers.gateways.registry import get_gateway
 from workers.models import ReconciliationRun
@@ -56,7 +55,14 @@ def nightly(ctx: TaskContext) -> dict[str, Any]:
     return ctx.in_slot(work)
 
 
-@task("reconciliation.run", payload=RunReconciliation)
+def run_not_completed(session: Session, payload: dict[str, Any], actor: str) -> str | None:
+    status = session.execute(
+        select(ReconciliationRun.status).where(ReconciliationRun.id == payload.get("run_id"))
+    ).scalar_one_or_none()
+    return "the run is already COMPLETED" if status == "COMPLETED" else None
+
+
+@task("reconciliation.run", payload=RunReconciliation, precheck=run_not_completed)
 def run(ctx: TaskContext, payload: RunReconciliation) -> dict[str, Any]:
     result = reconcile_run(
         ctx.session,
@@ -71,11 +77,3 @@ def run(ctx: TaskContext, payload: RunReconciliation) -> dict[str, Any]:
         wait = (result.held_until - utcnow()).total_seconds() + 1
         raise Defer(wait, f"reconciliation run {result.run_id} is held by {result.holder}")
     return {"run_id": result.run_id, "outcome": result.outcome, **result.counts}
-
-
-@precheck("reconciliation.run")
-def _replay_needed(session: Session, payload: dict[str, Any], actor: str) -> str | None:
-    status = session.execute(
-        select(ReconciliationRun.status).where(ReconciliationRun.id == payload.get("run_id"))
-    ).scalar_one_or_none()
-    return "the run is already COMPLETED" if status == "COMPLETED" else None

@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from workers.base import TaskContext, task
-from workers.dlq import precheck
 from workers.models import WebhookEvent
 from workers.payloads import ProcessWebhook
 from workers.webhooks import MalformedWebhook, parse, process_webhook
@@ -27,20 +26,8 @@ def webhook_secret(provider: str) -> str | None:
     return secret.get_secret_value() if secret else None
 
 
-@task("webhooks.process", payload=ProcessWebhook)
-def process(ctx: TaskContext, payload: ProcessWebhook) -> str:
-    return process_webhook(
-        ctx.session,
-        payload.provider,
-        payload.body,
-        payload.signature,
-        webhook_secret(payload.provider),
-        ctx.now,
-    )
-
-
-@precheck("webhooks.process")
-def _replay_needed(session: Session, payload: dict[str, Any], actor: str) -> str | None:
+def event_not_recorded(session: Session, payload: dict[str, Any], actor: str) -> str | None:
+    """A replayed delivery has nothing to do once its event is recorded."""
     provider, body = payload.get("provider"), payload.get("body")
     if provider not in ("razorpay", "stripe") or not isinstance(body, str):
         return None
@@ -54,3 +41,15 @@ def _replay_needed(session: Session, payload: dict[str, Any], actor: str) -> str
         )
     ).scalar_one_or_none()
     return "the event is already recorded" if seen is not None else None
+
+
+@task("webhooks.process", payload=ProcessWebhook, precheck=event_not_recorded)
+def process(ctx: TaskContext, payload: ProcessWebhook) -> str:
+    return process_webhook(
+        ctx.session,
+        payload.provider,
+        payload.body,
+        payload.signature,
+        webhook_secret(payload.provider),
+        ctx.now,
+    )

@@ -221,6 +221,8 @@ class BackstopTask(Task):  # type: ignore[misc]
     max_retries = None
     payload_model: type[Payload] | None = None
     body: Body
+    precheck: dlq.Precheck | None = None
+    batch_precheck: dlq.BatchPrecheck | None = None
     Request = TaskRequest
 
     def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -406,12 +408,19 @@ RETRY_OPTIONS = frozenset(
 
 
 def task(
-    name: str, *, payload: type[Payload] | None = None, **options: Any
+    name: str,
+    *,
+    payload: type[Payload] | None = None,
+    precheck: dlq.Precheck | None = None,
+    batch_precheck: dlq.BatchPrecheck | None = None,
+    **options: Any,
 ) -> Callable[[Body], BackstopTask]:
     """Declare a task under its explicit, stable, dotted contract name.
 
     The body is `fn(ctx)` or `fn(ctx, payload)`; it should be a thin call into a plain function
-    of `workers/` that tests call directly.
+    of `workers/` that tests call directly. `precheck(session, payload, actor)` (or its batch
+    form, one answer per payload) says why replaying a dead letter of this task is unnecessary
+    (the refund already COMPLETED), or None to replay it.
     """
 
     owned = RETRY_OPTIONS.intersection(options)
@@ -432,6 +441,8 @@ def task(
             bind=True,
             payload_model=payload,
             body=staticmethod(fn),
+            precheck=staticmethod(precheck) if precheck else None,
+            batch_precheck=staticmethod(batch_precheck) if batch_precheck else None,
             **options,
         )(run)
 

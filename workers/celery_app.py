@@ -1,33 +1,20 @@
-"""The Celery app. It imports `tasks/` so that Celery registers every task by its name."""
+"""The worker's composition root: the Celery app (`workers.application`) with what its
+processes need around it: logging, Sentry, metrics, the limits command, and a fresh database
+engine in every forked child. `celery -A workers` loads it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery, signals
+from celery import signals
 
 from config import get_settings
-from config.celery import celery_config
-from config.schedule import beat_schedule
 from workers import limits, logs, metrics, sentry
+from workers.application import TASK_MODULES, app
 from workers.db import dispose_engine
 
-TASK_MODULES = [
-    "tasks.holds",
-    "tasks.refunds",
-    "tasks.ops",
-    "tasks.dlq",
-    "tasks.notifications",
-    "tasks.reconciliation",
-    "tasks.payments",
-    "tasks.webhooks",
-]
+__all__ = ["TASK_MODULES", "app"]
 
-settings = get_settings()
-app = Celery("backstop", include=TASK_MODULES)
-app.conf.update(celery_config(settings))
-app.conf.beat_schedule = beat_schedule(settings)
-app.set_default()
 sentry.install(app)
 metrics.install()
 limits.install()

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from workers.application import app, registered_tasks
 from workers.payloads import Payload, validate
 
 # The tasks other services may enqueue (contract section 4), and their schema versions: a change
@@ -34,8 +35,6 @@ class UnknownTask(ValueError):
 
 
 def payload_model(task_name: str) -> type[Payload] | None:
-    from workers.dlq import registered_tasks
-
     task = registered_tasks().get(task_name)
     if task is None:
         raise UnknownTask(f"no task named {task_name!r}; public tasks: {sorted(PUBLIC_TASKS)}")
@@ -43,8 +42,6 @@ def payload_model(task_name: str) -> type[Payload] | None:
 
 
 def queue_of(task_name: str) -> str:
-    from workers.celery_app import app
-
     route = app.amqp.router.route({}, task_name)
     return str(route["queue"].name)
 
@@ -52,8 +49,6 @@ def queue_of(task_name: str) -> str:
 def enqueue(task_name: str, payload: dict[str, Any], **options: Any) -> str:
     """Validate `payload` for `task_name` and send it; returns the task id. `options` go to
     Celery's `send_task` (countdown, eta, ...)."""
-    from workers.celery_app import app
-
     model = payload_model(task_name)
     if model is not None:
         validate(model, payload)  # raises PayloadError, one line naming the field

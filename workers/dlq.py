@@ -12,7 +12,6 @@ task's id.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import traceback as tb
@@ -25,12 +24,14 @@ from typing import Any
 from sqlalchemy import Text, column, insert, select, update, values
 from sqlalchemy.orm import Session
 
+from workers.application import app, registered_tasks
 from workers.db import claim, is_postgres, transition, transition_batch
 from workers.db.transitions import InvalidTransition
 from workers.dlq_rules import RULES, Rule, match
 from workers.enqueue import enqueue_after_commit, send
 from workers.errors import Classification, PermanentError, one_line
 from workers.models import DeadLetter, DeadLetterEvent
+from workers.payloads import validate
 
 log = logging.getLogger("backstop.dlq")
 
@@ -105,54 +106,20 @@ Precheck = Callable[[Session, dict[str, Any], str], str | None]
 # per letter. Returns one answer per payload, in order.
 BatchPrecheck = Callable[[Session, list[dict[str, Any]], str], list[str | None]]
 
-PRECHECKS: dict[str, Precheck] = {}
-BATCH_PRECHECKS: dict[str, BatchPrecheck] = {}
-
-
-def precheck(task_name: str) -> Callable[[Precheck], Precheck]:
-    """Register `fn(session, payload, actor) -> reason_unnecessary | None` for `task_name`."""
-
-    def register(fn: Precheck) -> Precheck:
-        PRECHECKS[task_name] = fn
-        return fn
-
-    return register
-
-
-def batch_precheck(task_name: str) -> Callable[[BatchPrecheck], BatchPrecheck]:
-    """Register `fn(session, payloads, actor) -> [reason_unnecessary | None, ...]`; it serves
-    single replays too."""
-
-    def register(fn: BatchPrecheck) -> BatchPrecheck:
-        BATCH_PRECHECKS[task_name] = fn
-        PRECHECKS.setdefault(
-            task_name, lambda session, payload, actor: fn(session, [payload], actor)[0]
-        )
-        return fn
-
-    return register
-
 
 def run_prechecks(
     session: Session, task_name: str, payloads: list[dict[str, Any]], actor: str
 ) -> list[str | None]:
-    registered_tasks()  # the task modules register their prechecks when imported
-    if task_name in BATCH_PRECHECKS:
-        return BATCH_PRECHECKS[task_name](session, payloads, actor)
-    single = PRECHECKS.get(task_name)
+    """The task's own precheck of each payload (declared with the task: `task(...,
+    precheck=...)` or `batch_precheck=`): why each replay is unnecessary, or None."""
+    task = registered_tasks().get(task_name)
+    batch = getattr(task, "batch_precheck", None)
+    if batch is not None:
+        return list(batch(session, payloads, actor))
+    single = getattr(task, "precheck", None)
     if single is None:
         return [None] * len(payloads)
     return [single(session, payload, actor) for payload in payloads]
-
-
-def registered_tasks() -> dict[str, Any]:
-    """The tasks a letter can be replayed to (importing the app registers them and their
-    prechecks), by name."""
-    from workers.celery_app import TASK_MODULES, app
-
-    for module in TASK_MODULES:
-        importlib.import_module(module)
-    return {name: task for name, task in app.tasks.items() if not name.startswith("celery.")}
 
 
 def send_replay(session: Session, letter_id: int, task_name: str, payload: dict[str, Any]) -> None:
@@ -367,8 +334,6 @@ DISPATCH_CHUNK = 500
 def dispatch(session: Session, letter_ids: Sequence[int]) -> int:
     """Send the replays of these letters that are still RETRYING (one of them discarded
     meanwhile is not sent). Sent now, on one producer: the letters were committed by triage."""
-    from workers.celery_app import app
-
     rows = session.execute(
         select(DeadLetter.id, DeadLetter.task_name, DeadLetter.payload)
         .where(DeadLetter.id.in_(list(letter_ids)), DeadLetter.status == "RETRYING")
@@ -411,8 +376,6 @@ def payload_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any
 
 def validate_for(task_name: str, payload: dict[str, Any]) -> dict[str, Any]:
     """The payload as the task will validate it; a one-line ReplayError naming the field."""
-    from workers.payloads import validate
-
     task = registered_tasks().get(task_name)
     if task is None:
         raise ReplayError(f"task {task_name!r} is not registered: cannot replay it")

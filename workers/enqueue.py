@@ -8,14 +8,13 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from config import get_settings
+from workers.application import app
 from workers.db import on_commit
 
 
 def send(task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
     """Send a task by its contract name now (outside any transaction). A countdown or ETA
     past `Settings.max_countdown` is refused: Redis would deliver the waiting message twice."""
-    from workers.celery_app import app
-
     wait = options.get("countdown")
     if options.get("eta") is not None:
         wait = (options["eta"] - datetime.now(UTC)).total_seconds()

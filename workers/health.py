@@ -9,6 +9,7 @@ from sqlalchemy import func, select, text
 
 from config import Settings
 from config.schedule import schedule_windows
+from workers.application import app
 from workers.db import session_scope
 from workers.errors import one_line
 from workers.jobs import last_finished
@@ -43,8 +44,6 @@ def run_checks(settings: Settings, now: datetime) -> list[Check]:
 
 
 def check_broker(settings: Settings) -> Check:
-    from workers.celery_app import app
-
     try:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=5)

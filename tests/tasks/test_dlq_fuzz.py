@@ -13,9 +13,10 @@ from sqlalchemy import Engine, func, select
 
 from tests.conftest import truncate, wait_until
 from tests.processes import Proc
+from workers.application import registered_tasks
 from workers.celery_app import app
 from workers.db import session_scope
-from workers.dlq import registered_tasks, storable
+from workers.dlq import storable
 from workers.errors import PayloadError, one_line
 from workers.models import DeadLetter
 from workers.payloads import ReplayDeadLetter, validate

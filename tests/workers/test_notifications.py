@@ -17,7 +17,6 @@ from sqlalchemy import Engine, func, insert, select, update
 
 from config.settings import load_settings
 from workers.db import new_session, session_scope
-from workers.dlq import PRECHECKS
 from workers.models import (
     DeadLetter,
     Notification,
@@ -34,6 +33,8 @@ from workers.notify.delivery import (
     deliver_due,
     deliver_notification,
     policy_from,
+    replay_delivery,
+    replay_send,
     send_notification,
     sweep_outbox,
 )
@@ -627,7 +628,7 @@ def test_two_sweeps_at_once_send_each_delivery_once(committed: Engine, redis: An
 def test_the_replay_precheck_skips_sent_and_revives_dead(
     committed: Engine, channels: Channels, sandbox: Any
 ) -> None:
-    replay = PRECHECKS[DELIVER_TASK]
+    replay = replay_delivery
     sent = send("sms", "+14155550123")
     assert deliver(sent, channels, Clock()).result == "sent"
     sandbox.add_fault("sms", "503")
@@ -657,12 +658,10 @@ def test_the_replay_precheck_skips_sent_and_revives_dead(
     assert len(sandbox.messages("sms")) == 2
     with session_scope() as session:  # a send whose dedupe key is recorded needs no replay
         key = {"dedupe_key": "k-1", "channel": "sms"}
-        assert PRECHECKS["notifications.send"](session, key, "ops:alice") is None
+        assert replay_send(session, key, "ops:alice") is None
     send("sms", "+14155550125", dedupe_key="k-1")
     with session_scope() as session:
-        assert PRECHECKS["notifications.send"](session, key, "ops:alice").startswith(
-            "already recorded as notification"
-        )
+        assert replay_send(session, key, "ops:alice").startswith("already recorded as notification")
 
 
 def test_an_alert_is_delivered_to_the_ops_address(

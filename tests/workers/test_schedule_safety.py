@@ -14,9 +14,10 @@ from sqlalchemy import Engine, select, update
 from config import get_settings
 from config.schedule import current_slot
 from tests.workers.factories import add_refund
+from workers.application import registered_tasks
 from workers.base import TaskContext
 from workers.db import new_session
-from workers.dlq import record_dead_letter, registered_tasks
+from workers.dlq import record_dead_letter
 from workers.errors import Classification, TransientError
 from workers.models import DeadLetter, JobRun, Refund
 

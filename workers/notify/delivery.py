@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from workers.broker import broker_redis
 from workers.db import claim, is_postgres, on_commit, transition, transition_batch
 from workers.db.upsert import insert_ignore
-from workers.dlq import precheck, record_dead_letter
+from workers.dlq import record_dead_letter
 from workers.enqueue import enqueue_after_commit, send
 from workers.errors import Classification, NotFound, PermanentError, classify, one_line
 from workers.models import Notification, NotificationAttempt, PushToken
@@ -761,10 +761,9 @@ def sweep_outbox(
             return result
 
 
-# -- replay preconditions (workers.dlq) -----------------------------------------------------------
+# -- replay preconditions (the tasks' prechecks) -------------------------------------------------
 
 
-@precheck(DELIVER_TASK)
 def replay_delivery(session: Session, payload: dict[str, Any], actor: str) -> str | None:
     """A SENT notification is never sent again. A DEAD one goes back to PENDING, audited with
     the operator, with a fresh set of attempts, due now, for the replayed delivery to send."""
@@ -798,7 +797,6 @@ def replay_delivery(session: Session, payload: dict[str, Any], actor: str) -> st
     return None
 
 
-@precheck("notifications.send")
 def replay_send(session: Session, payload: dict[str, Any], actor: str) -> str | None:
     """A send whose dedupe key is already in the table was recorded: replaying it would only
     return that notification."""
