@@ -15,14 +15,13 @@ from workers.notify.delivery import (
     PUMP_TASK,
     deliver_due,
     deliver_notification,
-    kick,
     policy_from,
-    pump_started,
     replay_delivery,
     replay_send,
     send_notification,
     sweep_outbox,
 )
+from workers.outbox import kick, pump_started
 from workers.payloads import DeliverNotification, SendNotification
 
 SWEEP_JOB = "notifications.sweep_outbox"

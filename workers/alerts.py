@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from workers.db.upsert import insert_ignore
 from workers.models import Notification
-from workers.notify.delivery import OPS_RECIPIENT, request_delivery
+from workers.outbox import OPS_RECIPIENT, request_delivery
 
 log = logging.getLogger("backstop.alerts")
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from config.settings import Settings
-from workers import dlq
+from workers import dead_letters
 from workers.broker import broker_redis
 from workers.db import session_scope
 from workers.enqueue import enqueue_after_commit, send
@@ -221,8 +221,8 @@ class BackstopTask(Task):  # type: ignore[misc]
     max_retries = None
     payload_model: type[Payload] | None = None
     body: Body
-    precheck: dlq.Precheck | None = None
-    batch_precheck: dlq.BatchPrecheck | None = None
+    precheck: dead_letters.Precheck | None = None
+    batch_precheck: dead_letters.BatchPrecheck | None = None
     Request = TaskRequest
 
     def execute(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -238,7 +238,7 @@ class BackstopTask(Task):  # type: ignore[misc]
                 result = self.body(ctx) if payload is None else self.body(ctx, payload)
                 letter = self.dead_letter_id()
                 if letter is not None:  # a replay: its letter closes with the work
-                    dlq.replay_succeeded(session, letter, request.id, utcnow())
+                    dead_letters.replay_succeeded(session, letter, request.id, utcnow())
                 return result
         except Retry:
             raise
@@ -281,14 +281,14 @@ class BackstopTask(Task):  # type: ignore[misc]
         if letter is not None:  # a replay still waiting is not a replay that was lost
             try:
                 with session_scope() as session:
-                    dlq.replay_waiting(session, letter, utcnow())
+                    dead_letters.replay_waiting(session, letter, utcnow())
             except Exception as error:  # the deferral is sent: never a second copy by a retry
                 log.warning("dead_letter.not_marked_waiting", extra={"error": one_line(error)})
         return "deferred"
 
     def dead_letter_id(self) -> int | None:
         """The dead letter this run replays, from the message header `dlq.replay` sets."""
-        return header_int(self.request.headers or {}, dlq.HEADER)
+        return header_int(self.request.headers or {}, dead_letters.HEADER)
 
     def validate_payload(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload | None:
         if args:
@@ -350,7 +350,7 @@ class BackstopTask(Task):  # type: ignore[misc]
         payload = dict(kwargs)
         if args:
             payload["__args__"] = list(args)
-        replayed = header_int(headers, dlq.HEADER)
+        replayed = header_int(headers, dead_letters.HEADER)
         failure: dict[str, Any] = {
             "task_id": task_id,
             "payload": payload,
@@ -360,8 +360,10 @@ class BackstopTask(Task):  # type: ignore[misc]
             "now": utcnow(),
         }
         with session_scope() as session:
-            letter = replayed and dlq.replay_failed(session, replayed, **failure)
-            letter = letter or dlq.record_dead_letter(session, task_name=self.name, **failure)
+            letter = replayed and dead_letters.replay_failed(session, replayed, **failure)
+            letter = letter or dead_letters.record_dead_letter(
+                session, task_name=self.name, **failure
+            )
         log.error(
             "task.dead_lettered",
             extra={
@@ -411,8 +413,8 @@ def task(
     name: str,
     *,
     payload: type[Payload] | None = None,
-    precheck: dlq.Precheck | None = None,
-    batch_precheck: dlq.BatchPrecheck | None = None,
+    precheck: dead_letters.Precheck | None = None,
+    batch_precheck: dead_letters.BatchPrecheck | None = None,
     **options: Any,
 ) -> Callable[[Body], BackstopTask]:
     """Declare a task under its explicit, stable, dotted contract name.

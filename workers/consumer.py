@@ -24,7 +24,7 @@ from celery.worker.state import active_requests
 from workers import redis_transport
 from workers.base import utcnow
 from workers.db import session_scope
-from workers.dlq import record_dead_letter
+from workers.dead_letters import record_dead_letter
 from workers.errors import Classification, UndecodableMessage, UnknownTask, one_line
 
 log = logging.getLogger("backstop.consumer")

@@ -23,7 +23,7 @@ from workers.db.upsert import insert_ignore
 from workers.enqueue import enqueue_after_commit
 from workers.errors import NotFound
 from workers.models import BookingHold, Notification
-from workers.notify.delivery import request_delivery
+from workers.outbox import request_delivery
 
 FOLLOW_UP_TASK = "holds.expired"
 

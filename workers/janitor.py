@@ -25,10 +25,16 @@ from sqlalchemy.orm import Session
 from workers.alerts import raise_alert
 from workers.db import claim, transition_batch
 from workers.db.transitions import MACHINES
-from workers.gateways.base import Gateway, GatewayNotFound, GatewayPayment, GatewayPermanent
+from workers.gateways.base import (
+    Gateway,
+    GatewayNotFound,
+    GatewayPayment,
+    GatewayPermanent,
+    payment_status,
+)
+from workers.gateways.breaker import open_seconds
+from workers.gateways.fanout import fetch_payments
 from workers.models import Payment
-from workers.reconciliation import ask, gateway_status
-from workers.refunds import open_seconds
 
 log = logging.getLogger("backstop.janitor")
 
@@ -73,7 +79,7 @@ def check_in_flight(
         answers: dict[str, Any] = {}
         for name in sorted({row.gateway for row in rows}):
             ids = [row.gateway_payment_id for row in rows if row.gateway == name]
-            answers.update(ask(usable[name], ids, policy.concurrency))
+            answers.update(fetch_payments(usable[name], ids, policy.concurrency))
         settle(session, rows, answers, clock(), policy, actor, counts)
         session.commit()
         if len(rows) < policy.batch_size or clock_time.monotonic() >= deadline:
@@ -153,7 +159,7 @@ def settle(
         answer = answers.get(row.gateway_payment_id)
         last_check = row.check_attempts + 1 >= policy.max_attempts
         if isinstance(answer, GatewayPayment):
-            theirs = gateway_status(row.gateway, answer)
+            theirs = payment_status(row.gateway, answer.raw_status)
             same = row.amount == answer.amount and row.currency.upper() == answer.currency
             if theirs != row.status and not same:
                 counts["amount_mismatch"] += 1

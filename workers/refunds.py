@@ -12,11 +12,9 @@ have forgotten the key, first looks the refund up by the reference we wrote on i
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from workers.alerts import raise_alert
 from workers.db import claim, transition, transition_batch
-from workers.dlq import record_dead_letter
+from workers.dead_letters import record_dead_letter
 from workers.enqueue import enqueue_after_commit
 from workers.errors import (
     Defer,
@@ -46,6 +44,8 @@ from workers.gateways.base import (
     OutcomeUnknown,
     RefundRequest,
 )
+from workers.gateways.breaker import defer_while_open, open_seconds
+from workers.gateways.fanout import thread_pool
 from workers.models import Payment, Refund
 
 log = logging.getLogger("backstop.refunds")
@@ -66,19 +66,6 @@ class Claim:
     gateway: Gateway | None = None
     request: RefundRequest | None = None
     key_sent_at: datetime | None = None  # when this key was first sent, before this attempt
-
-
-def open_seconds(gateway: Gateway) -> float:
-    """Seconds until the gateway's breaker lets calls through (0 without a breaker)."""
-    open_for = getattr(gateway, "open_for", None)
-    return float(open_for()) if open_for else 0.0
-
-
-def defer_while_open(gateway: Gateway) -> None:
-    """Nothing is claimed or sent while the gateway's breaker is open: come back after it."""
-    seconds = open_seconds(gateway)
-    if seconds > 0:
-        raise Defer(seconds, f"{gateway.name} circuit breaker is open")
 
 
 def new_key(refund_id: int) -> str:
@@ -614,18 +601,6 @@ def ask_gateways(
     if concurrency <= 1 or len(calls) <= 1:
         return [ask(call) for call in calls]
     return list(thread_pool(concurrency).map(ask, calls))
-
-
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def thread_pool(size: int) -> ThreadPoolExecutor:
-    """A pool of `size` threads for gateway calls, one per process (threads do not survive a
-    fork)."""
-    key = (os.getpid(), size)
-    if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="gateway")
-    return _pools[key]
 
 
 def finish_checks(

@@ -16,7 +16,7 @@ from tests.processes import Proc
 from workers.application import registered_tasks
 from workers.celery_app import app
 from workers.db import session_scope
-from workers.dlq import storable
+from workers.dead_letters import storable
 from workers.errors import PayloadError, one_line
 from workers.models import DeadLetter
 from workers.payloads import ReplayDeadLetter, validate

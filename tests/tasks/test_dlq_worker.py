@@ -18,7 +18,7 @@ from tests.tasks.test_refunds_worker import worker_env
 from tests.workers.factories import add_hold, add_refund
 from workers.celery_app import app
 from workers.db import session_scope
-from workers.dlq import record_dead_letter
+from workers.dead_letters import record_dead_letter
 from workers.errors import Classification, TransientError
 from workers.models import BookingHold, DeadLetter, DeadLetterEvent, Refund, StateTransition
 

@@ -222,7 +222,7 @@ def test_notifications_send_exhausts_its_own_default_attempts(
 def test_a_replay_that_fails_again_exhausts_the_default_limit_and_reopens_its_letter(
     committed: Engine, start_worker: Callable[..., Proc], simulator_server: Any, sim: Any
 ) -> None:
-    from workers.dlq import record_dead_letter
+    from workers.dead_letters import record_dead_letter
 
     gateway_worker(start_worker, simulator_server)
     sim.add_fault("stripe.refund.create", "503")
@@ -396,7 +396,7 @@ def test_a_replay_that_keeps_deferring_is_not_given_up_as_stale(
 
 
 def record_letter(session: Session, task_name: str, payload: dict[str, Any]) -> int:
-    from workers.dlq import record_dead_letter
+    from workers.dead_letters import record_dead_letter
 
     return record_dead_letter(
         session,

@@ -15,15 +15,8 @@ from sqlalchemy import Engine, func, select
 
 from tests.workers.factories import add_hold
 from workers.db import new_session, session_scope
-from workers.dlq import (
-    HEADER,
-    ReplayError,
-    TriagePolicy,
-    discard,
-    record_dead_letter,
-    replay,
-    triage,
-)
+from workers.dead_letters import HEADER, record_dead_letter
+from workers.dlq import ReplayError, TriagePolicy, discard, replay, triage
 from workers.dlq_rules import RULES, Rule
 from workers.errors import Classification, NotFound, PayloadError, TransientError
 from workers.gateways.base import GatewayPermanent
@@ -176,7 +169,7 @@ def test_a_letter_is_replayed_automatically_only_within_its_budget(
         if row(letter_id).status == "RETRYING":
             # What the base task does when the replay fails again.
             with session_scope() as session:
-                from workers.dlq import replay_failed
+                from workers.dead_letters import replay_failed
 
                 replay_failed(
                     session,

@@ -794,7 +794,7 @@ def test_pumps_at_once_never_send_one_notification_twice(
 
 
 def test_sends_ride_on_a_queued_pump_until_it_starts(committed: Engine, redis: Any) -> None:
-    from workers.notify.delivery import pump_started
+    from workers.outbox import pump_started
 
     send("sms", "+14155550001")
     send("sms", "+14155550002")

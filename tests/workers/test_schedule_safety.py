@@ -17,7 +17,7 @@ from tests.workers.factories import add_refund
 from workers.application import registered_tasks
 from workers.base import TaskContext
 from workers.db import new_session
-from workers.dlq import record_dead_letter
+from workers.dead_letters import record_dead_letter
 from workers.errors import Classification, TransientError
 from workers.models import DeadLetter, JobRun, Refund
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import pybreaker
 
+from workers.errors import Defer
 from workers.gateways.base import (
     CircuitOpen,
     Gateway,
@@ -145,3 +146,16 @@ class GuardedGateway:
             except StopIteration:
                 return
             yield page
+
+
+def open_seconds(gateway: Gateway) -> float:
+    """Seconds until the gateway's breaker lets calls through (0 without a breaker)."""
+    open_for = getattr(gateway, "open_for", None)
+    return float(open_for()) if open_for else 0.0
+
+
+def defer_while_open(gateway: Gateway) -> None:
+    """Nothing is claimed or sent while the gateway's breaker is open: come back after it."""
+    seconds = open_seconds(gateway)
+    if seconds > 0:
+        raise Defer(seconds, f"{gateway.name} circuit breaker is open")

@@ -18,7 +18,6 @@ a few pumps instead of costing a task each). The outbox sweep finds what a lost 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections import defaultdict
@@ -32,11 +31,10 @@ from sqlalchemy import ColumnElement, and_, any_, func, insert, or_, select, upd
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from workers.broker import broker_redis
-from workers.db import claim, is_postgres, on_commit, transition, transition_batch
+from workers.db import claim, is_postgres, transition, transition_batch
 from workers.db.upsert import insert_ignore
-from workers.dlq import record_dead_letter
-from workers.enqueue import enqueue_after_commit, send
+from workers.dead_letters import record_dead_letter
+from workers.enqueue import enqueue_after_commit
 from workers.errors import Classification, NotFound, PermanentError, classify, one_line
 from workers.models import Notification, NotificationAttempt, PushToken
 from workers.notify.channels import (
@@ -51,17 +49,13 @@ from workers.notify.channels import (
     scrub,
 )
 from workers.notify.templates import render
+from workers.outbox import OPS_RECIPIENT, PUMP_TASK, kick_after_commit
 from workers.payloads import SendNotification
 from workers.retry import backoff_delay
 
 log = logging.getLogger("backstop.notify")
 
 DELIVER_TASK = "notifications.deliver"
-PUMP_TASK = "notifications.deliver_due"
-PUMP_KEY = "backstop:notify:pump"
-# While a pump is queued, notifications written in this window ride on it.
-PUMP_DEBOUNCE_MS = 2000
-OPS_RECIPIENT = "ops"  # workers.alerts writes ops alerts to this recipient
 # A delivery message may run this much before the attempt it was scheduled for (clock skew
 # between the worker that scheduled it and the one that runs it).
 EARLY_TOLERANCE = timedelta(seconds=1)
@@ -143,70 +137,6 @@ def send_notification(session: Session, payload: SendNotification, now: datetime
         notification_id = int(added[0])
     kick_after_commit(session)
     return notification_id
-
-
-def kick_after_commit(session: Session) -> None:
-    """Once the session commits, make sure a `notifications.deliver_due` pump is on its way.
-    Sends are debounced through Redis: while one pump is queued and has not started, more
-    notifications ride on it instead of each sending its own message. A pump deletes the key
-    before its first claim, so a notification committed after that claim sends a new one."""
-    on_commit(session, kick)
-
-
-_redis_clients: dict[int, Any] = {}
-
-
-def _pump_redis() -> Any | None:
-    from config import get_settings
-
-    settings = get_settings()
-    if not settings.broker_is_redis:
-        return None  # the embedded broker: every kick sends its own pump
-    pid = os.getpid()
-    if pid not in _redis_clients:
-        _redis_clients.clear()
-        _redis_clients[pid] = broker_redis(settings, timeout=2)
-    return _redis_clients[pid]
-
-
-def kick() -> None:
-    client = _pump_redis()
-    if client is not None:
-        try:
-            if not client.set(PUMP_KEY, "1", nx=True, px=PUMP_DEBOUNCE_MS):
-                return
-        except Exception as exc:  # Redis unreachable: send the pump anyway
-            log.warning("notification.kick_unchecked", extra={"error": one_line(exc)[:200]})
-    send(PUMP_TASK, {})
-
-
-def pump_started() -> None:
-    """Called by a pump before its first claim: the next kick sends a new pump."""
-    client = _pump_redis()
-    if client is not None:
-        try:
-            client.delete(PUMP_KEY)
-        except Exception as exc:  # its key expires by itself
-            log.warning("notification.pump_key", extra={"error": one_line(exc)[:200]})
-
-
-def request_delivery(session: Session, notification_ids: Sequence[int], now: datetime) -> None:
-    """For a business operation that wrote notification rows in its own transaction (an
-    alert, a hold's waitlist notice): send their deliveries once it commits. Nothing here can
-    fail that transaction: a failed write is undone alone (savepoint) and logged, a failed send
-    is logged after the commit, and the outbox sweep delivers the rows either way."""
-    if not notification_ids:
-        return
-    ids = sorted(notification_ids)
-    try:
-        with session.begin_nested():
-            session.execute(
-                update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
-            )
-    except Exception as exc:
-        log.error("notification.enqueue_failed", extra={"error": one_line(exc)[:300]})
-        return
-    kick_after_commit(session)
 
 
 # -- delivering -----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ the gateway, `compare` compares a batch of pages with the database and writes wh
 """
 
 from workers.reconciliation.compare import IdSet, gateway_status
-from workers.reconciliation.run import RunOptions, ask, discrepancies, reconcile_run, run_report
+from workers.reconciliation.run import RunOptions, discrepancies, reconcile_run, run_report
 from workers.reconciliation.runs import (
     GATEWAYS,
     TYPES,
@@ -29,7 +29,6 @@ __all__ = [
     "RunOptions",
     "RunResult",
     "RunState",
-    "ask",
     "configured_gateways",
     "day_window",
     "discrepancies",

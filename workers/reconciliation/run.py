@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,11 +29,10 @@ from workers.gateways.base import (
     Gateway,
     GatewayNotFound,
     GatewayPayment,
-    GatewayPermanent,
-    GatewayTransient,
-    OutcomeUnknown,
     PaymentPage,
 )
+from workers.gateways.breaker import defer_while_open
+from workers.gateways.fanout import fetch_payments
 from workers.models import ReconciliationRun, ReconciliationSeen, UTCDateTime
 from workers.reconciliation.compare import (
     MONEY_MOVED,
@@ -57,7 +55,6 @@ from workers.reconciliation.runs import (
     release,
     save_progress,
 )
-from workers.refunds import defer_while_open
 
 log = logging.getLogger("backstop.reconciliation")
 
@@ -314,7 +311,7 @@ def scan(work: Work, where: Any) -> None:
 def check_chunk(work: Work, rows: list[Any]) -> None:
     session, state = work.session, work.state
     ids = [row.gateway_payment_id for row in rows]
-    answers = ask(work.gateway, ids, work.options.concurrency)
+    answers = fetch_payments(work.gateway, ids, work.options.concurrency)
     for answer in answers.values():
         if isinstance(answer, Exception) and not isinstance(answer, GatewayNotFound):
             raise answer  # this chunk is asked again by the next attempt
@@ -339,25 +336,6 @@ def check_chunk(work: Work, rows: list[Any]) -> None:
     last = rows[-1]
     state.progress["after"] = [last.created_at.isoformat(), last.id]
     work.save(now)
-
-
-def ask(
-    gateway: Gateway, payment_ids: Sequence[str | None], concurrency: int
-) -> dict[str, GatewayPayment | Exception]:
-    """Each payment as its gateway has it, or the error it answered with, `concurrency`
-    requests at a time."""
-    wanted = sorted({payment_id for payment_id in payment_ids if payment_id})
-
-    def one(payment_id: str) -> GatewayPayment | Exception:
-        try:
-            return gateway.fetch_payment(payment_id)
-        except (GatewayTransient, GatewayPermanent, OutcomeUnknown) as exc:
-            return exc
-
-    if concurrency <= 1 or len(wanted) <= 1:
-        return {payment_id: one(payment_id) for payment_id in wanted}
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="reconcile") as pool:
-        return dict(zip(wanted, pool.map(one, wanted), strict=True))
 
 
 def finish(session: Session, state: RunState, now: datetime, options: RunOptions) -> None:
