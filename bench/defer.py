@@ -253,7 +253,7 @@ def main() -> int:
         return 2
     url, broker_url = urls
     from workers.db import get_engine
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     upgrade(url)
     engine = get_engine()

@@ -9,7 +9,7 @@ holds, each replay sent to Redis), 25% transient but older than DLQ_MANUAL_AFTER
 review) and 5% transient `refunds.submit` of COMPLETED refunds (precheck: unnecessary). The
 table is reloaded, vacuumed and checkpointed, and Redis flushed, before each run.
 
-1. Ours: `workers.dlq.triage` (rules, SKIP LOCKED batches of DLQ_TRIAGE_BATCH, one audited
+1. Ours: `workers.dlq.triage.triage` (rules, SKIP LOCKED batches of DLQ_TRIAGE_BATCH, one audited
    batch transition per decision, batch prechecks, replays sent after each commit).
 2. Baseline: the naive loop: for each NEW letter, read it, match the rules, run the precheck for
    that letter, update it with its audit row, send its replay, commit; on a subset,
@@ -193,7 +193,7 @@ def run_ours(
     shape, consuming `default` only, so the replays it sends stay countable in `critical`)
     sends the replays from the `dlq.dispatch` tasks triage queued."""
     from workers.db import new_session
-    from workers.dlq import triage
+    from workers.dlq.triage import triage
 
     load(engine, broker, n, now)
     worker = processes.worker(
@@ -239,8 +239,8 @@ def run_naive(
     from sqlalchemy import select
 
     from workers.db import new_session, transition
-    from workers.dlq import run_prechecks, send_replay
-    from workers.dlq_rules import match
+    from workers.dlq.replay import run_prechecks, send_replay
+    from workers.dlq.rules import match
     from workers.models import DeadLetter
 
     load(engine, broker, n, now)
@@ -337,7 +337,7 @@ def main() -> int:
     subset = 1_000 if args.quick else 5_000
     from workers import celery_app  # noqa: F401  (replays are sent through the app)
     from workers.db import get_engine
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     upgrade(url)
     engine = get_engine()

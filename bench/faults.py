@@ -186,7 +186,7 @@ def notifications(database_url: str, n: int, folder: Path) -> dict[str, Any]:
 def refunds(m: int, kills: int, folder: Path) -> dict[str, Any]:
     from tests.workers.factories import CAPTURED, CURRENCY
     from workers.db import session_scope
-    from workers.gateways.simulator import SimulatorServer
+    from workers.devtools.simulator import SimulatorServer
     from workers.models import DeadLetter, Payment, Refund
 
     with SimulatorServer() as server:
@@ -311,7 +311,7 @@ def refunds(m: int, kills: int, folder: Path) -> dict[str, Any]:
 def holds(h: int, restarts: int, folder: Path) -> dict[str, Any]:
     database = PostgresServer(folder / "postgres")
     database.create()
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     upgrade(database.url)
     engine = create_engine(database.url, pool_pre_ping=True)
@@ -461,7 +461,7 @@ def main() -> int:
     url, broker_url = urls
     sizes = QUICK if args.quick else FULL
     from workers.db import get_engine
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     upgrade(url)
     engine = get_engine()

@@ -2,8 +2,9 @@
 
 1. Backlog clear: the same backlog of due ACTIVE holds is cleared three ways, each on a freshly
    loaded and vacuumed table:
-   - ours: `workers.holds.sweep_expired_holds` (claim, compare-and-set, audit row, one statement
-     and one commit per batch of 1,000, plus one `holds.expired` follow-up sent per batch);
+   - ours: `workers.holds.expiry.sweep_expired_holds` (claim, compare-and-set, audit row, one
+     statement and one commit per batch of 1,000, plus one `holds.expired` follow-up sent per
+     batch);
    - raw: a bare `UPDATE ... WHERE id = ANY(ARRAY(SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1000))`
      loop, no audit rows, no follow-ups: the floor of what Postgres can do;
    - one `holds.expire` task per hold through a real Celery worker (prefork, 2 processes), on a
@@ -165,7 +166,7 @@ def audit_rows(engine: Engine) -> int:
 def run_ours(engine: Engine) -> float:
     from workers.base import utcnow
     from workers.db import new_session
-    from workers.holds import sweep_expired_holds
+    from workers.holds.expiry import sweep_expired_holds
 
     session = new_session()
     try:
@@ -411,7 +412,7 @@ def main() -> int:
     sizes = QUICK if args.quick else FULL
 
     from workers.db import get_engine
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     upgrade(url)
     engine = get_engine()

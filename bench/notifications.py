@@ -211,7 +211,7 @@ def main() -> int:
         }
         os.environ.update(env)  # this process sends with the same settings
         from workers.db import get_engine
-        from workers.migrate import upgrade
+        from workers.db.migrate import upgrade
 
         upgrade(url)
         engine = get_engine()

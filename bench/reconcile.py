@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -359,7 +360,7 @@ def listing_child(gateway: str) -> None:
     from config.settings import get_settings
     from workers.gateways.registry import get_gateway
     from workers.reconciliation.listing import Lister
-    from workers.reconciliation.runs import slices_of
+    from workers.reconciliation.run_records import slices_of
 
     settings = get_settings()
     adapter = get_gateway(gateway).adapter  # type: ignore[attr-defined]
@@ -374,6 +375,17 @@ def listing_child(gateway: str) -> None:
         payments += sum(len(page.columns().ids) for _, page in batch)
     seconds = time.perf_counter() - started
     print(json.dumps({"payments": payments, "seconds": round(seconds, 2)}))
+
+
+def every_page(adapter: Any, start: datetime, end: datetime) -> Iterator[list[Any]]:
+    """The payments of [start, end), one page after the other, as the seeds' loop reads them."""
+    cursor = None
+    while True:
+        page = adapter.payment_page(start, end, cursor)
+        yield page.items
+        if page.cursor is None:
+            return
+        cursor = page.cursor
 
 
 def baseline_child(gateway: str) -> None:
@@ -398,7 +410,7 @@ def baseline_child(gateway: str) -> None:
     payments = queries = 0
     wall = {"gateway": 0.0, "database": 0.0}
     started = time.perf_counter()
-    for page in adapter.list_payments(START, START + timedelta(days=1)):
+    for page in every_page(adapter, START, START + timedelta(days=1)):
         t0 = time.perf_counter()
         for listed in page:
             payments += 1
@@ -554,8 +566,8 @@ def main() -> int:
     gateways = args.gateway or ["razorpay", "stripe"]
 
     from workers.db import make_engine
-    from workers.gateways.simulator import SimulatorServer
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
+    from workers.devtools.simulator import SimulatorServer
 
     upgrade(url)
     engine = make_engine(url)

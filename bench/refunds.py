@@ -307,7 +307,7 @@ def run_ours(
     logs: Path,
     tag: str,
 ) -> dict[str, Any]:
-    from workers.enqueue import send
+    from workers.messaging.enqueue import send
 
     n = len(backlog)
     load_backlog(engine, broker, backlog)
@@ -567,7 +567,7 @@ def main() -> int:
     sizes = QUICK if args.quick else FULL
     shapes = tuple(args.shape) if args.shape else sizes.shapes
 
-    from workers.gateways.simulator import SimulatorServer
+    from workers.devtools.simulator import SimulatorServer
 
     with (
         SimulatorServer() as server,
@@ -577,7 +577,7 @@ def main() -> int:
         # before anything reads the (cached) settings.
         os.environ.update(worker_env(server))
         from workers.db import get_engine
-        from workers.migrate import upgrade
+        from workers.db.migrate import upgrade
 
         upgrade(url)
         engine = get_engine()

@@ -61,10 +61,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
     config = _celery_config(settings)
     if settings.BROKER_URL == "filesystem://":
         # kombu's filesystem transport, writing each message whole before it appears.
-        config["broker_transport"] = "workers.embedded_broker:Transport"
+        config["broker_transport"] = "workers.messaging.embedded_broker:Transport"
     elif settings.broker_is_redis:
         # kombu's Redis transport, surviving the close of a connection Redis dropped.
-        config["broker_transport"] = "workers.redis_transport:Transport"
+        config["broker_transport"] = "workers.messaging.redis_transport:Transport"
         if settings.BROKER_URL.startswith("rediss://"):
             # Naming the transport class drops what the scheme implied (TLS, which kombu would
             # even run unverified): TLS with the server's certificate verified.
@@ -108,13 +108,15 @@ def _celery_config(settings: Settings) -> dict[str, object]:
         "worker_redirect_stdouts": False,
         # A broker loss does not stop the tasks running: most need only the database and a
         # gateway or SMTP, and a task stopped half-way leaves its leases to expire and its sent
-        # emails unrecorded. They finish, and ack over a new connection (workers/consumer.py
-        # puts back only what had not started); every task is safe to run twice.
+        # emails unrecorded. They finish, and ack over a new connection
+        # (workers/messaging/consumer.py puts back only what had not started); every task is safe
+        # to run twice.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A message no task can run (unknown name, undecodable body) becomes a dead letter.
-        "worker_consumer": "workers.consumer:Consumer",
-        # Exactly one beat sends (workers/beat.py); it renews its lock at least this often.
-        "beat_scheduler": "workers.beat:SingletonScheduler",
+        "worker_consumer": "workers.messaging.consumer:Consumer",
+        # Exactly one beat sends (workers/messaging/beat.py); it renews its lock at least this
+        # often.
+        "beat_scheduler": "workers.messaging.beat:SingletonScheduler",
         "beat_max_loop_interval": max(1, settings.BEAT_LOCK_SECONDS // 3),
         "timezone": settings.TIMEZONE,
         "enable_utc": True,

@@ -40,7 +40,7 @@ def chromium() -> str:
 
 def main() -> int:
     browser = chromium()
-    from workers.gateways.simulator import SimulatorServer
+    from workers.devtools.simulator import SimulatorServer
 
     with SimulatorServer() as server, tempfile.TemporaryDirectory() as folder:
         state = server.state
@@ -53,8 +53,8 @@ def main() -> int:
         os.environ.update(env)
         from workers.celery_app import app
         from workers.db import session_scope
-        from workers.demo import seed_refunds, seed_simulator
-        from workers.migrate import upgrade
+        from workers.db.migrate import upgrade
+        from workers.devtools.demo import seed_refunds, seed_simulator
         from workers.models import BookingHold
 
         upgrade(os.environ["DATABASE_URL"])

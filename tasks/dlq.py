@@ -8,7 +8,8 @@ from typing import Any
 
 from config import get_settings
 from workers.base import TaskContext, task
-from workers.dlq import ReplayError, TriagePolicy, dispatch, replay, triage
+from workers.dlq.replay import ReplayError, replay
+from workers.dlq.triage import TriagePolicy, dispatch, triage
 from workers.payloads import DispatchReplays, ReplayDeadLetter
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from config import get_settings
 from config.celery import max_countdown
 from workers.base import TaskContext, task, utcnow
-from workers.holds import expire_hold, notify_expired, sweep_expired_holds
+from workers.holds.expiry import expire_hold, notify_expired, sweep_expired_holds
 from workers.jobs import record_heartbeat
 from workers.models import BookingHold
 from workers.payloads import ExpireHold, HoldsExpired

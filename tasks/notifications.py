@@ -9,10 +9,9 @@ from datetime import timedelta
 from config import get_settings
 from workers.base import TaskContext, task, utcnow
 from workers.jobs import record_heartbeat
+from workers.messaging.outbox import kick, pump_started
 from workers.notify.channels import get_channels
 from workers.notify.delivery import (
-    DELIVER_TASK,
-    PUMP_TASK,
     deliver_due,
     deliver_notification,
     policy_from,
@@ -21,10 +20,7 @@ from workers.notify.delivery import (
     send_notification,
     sweep_outbox,
 )
-from workers.outbox import kick, pump_started
 from workers.payloads import DeliverNotification, SendNotification
-
-SWEEP_JOB = "notifications.sweep_outbox"
 
 
 @task("notifications.send", payload=SendNotification, precheck=replay_send)
@@ -32,7 +28,7 @@ def send(ctx: TaskContext, payload: SendNotification) -> int:
     return send_notification(ctx.session, payload, ctx.now)
 
 
-@task(DELIVER_TASK, payload=DeliverNotification, precheck=replay_delivery)
+@task("notifications.deliver", payload=DeliverNotification, precheck=replay_delivery)
 def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
     outcome = deliver_notification(
         ctx.session,
@@ -45,7 +41,7 @@ def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
     return outcome.result
 
 
-@task(PUMP_TASK)
+@task("notifications.deliver_due")
 def pump(ctx: TaskContext) -> dict[str, int]:
     """Every due notification, in batches; sent after each commit that writes notifications."""
     pump_started()
@@ -58,11 +54,11 @@ def pump(ctx: TaskContext) -> dict[str, int]:
         helper=kick,
     )
     if result.more:  # out of time with more due: hand over, so other tasks get a turn
-        ctx.enqueue(PUMP_TASK, {})
+        ctx.enqueue("notifications.deliver_due", {})
     return result.as_dict()
 
 
-@task(SWEEP_JOB)
+@task("notifications.sweep_outbox")
 def sweep(ctx: TaskContext) -> dict[str, int]:
     settings = get_settings()
     result = sweep_outbox(
@@ -74,7 +70,7 @@ def sweep(ctx: TaskContext) -> dict[str, int]:
     counts = {"enqueued": result.enqueued, "batches": result.batches}
     record_heartbeat(
         ctx.session,
-        SWEEP_JOB,
+        "notifications.sweep_outbox",
         started_at=ctx.now,
         finished_at=utcnow(),
         outcome="OK",

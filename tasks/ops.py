@@ -9,11 +9,11 @@ from typing import Any
 from config import get_settings
 from config.schedule import schedule_windows
 from workers.base import TaskContext, task
-from workers.ops import JOB, check_schedules
-from workers.retention import Retention, prune
+from workers.ops.retention import Retention, prune
+from workers.ops.schedules import check_schedules
 
 
-@task(JOB)
+@task("ops.check_schedules")
 def check(ctx: TaskContext) -> dict[str, Any]:
     settings = get_settings()
 

@@ -9,9 +9,7 @@ from typing import Any
 from config import get_settings
 from workers.base import TaskContext, task
 from workers.gateways.registry import get_gateway
-from workers.janitor import JanitorPolicy, check_in_flight
-
-JANITOR = "payments.check_in_flight"
+from workers.payments.in_flight import JanitorPolicy, check_in_flight
 
 
 def janitor_policy() -> JanitorPolicy:
@@ -23,7 +21,7 @@ def janitor_policy() -> JanitorPolicy:
     )
 
 
-@task(JANITOR)
+@task("payments.check_in_flight")
 def check(ctx: TaskContext) -> dict[str, Any]:
     settings = get_settings()
     return ctx.in_slot(

@@ -25,14 +25,12 @@ from workers.reconciliation import (
     reconcile_run,
 )
 
-NIGHTLY = "reconciliation.nightly"
-
 
 def run_options(owner: str, actor: str = "reconciliation.run") -> RunOptions:
     return RunOptions.from_settings(get_settings(), owner=owner, actor=actor)
 
 
-@task(NIGHTLY)
+@task("reconciliation.nightly")
 def nightly(ctx: TaskContext) -> dict[str, Any]:
     """Open a run for every configured gateway and every day of the catch-up window that has
     no completed run, and send them (after commit), oldest first."""

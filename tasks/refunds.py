@@ -15,14 +15,10 @@ from workers.base import TaskContext, task, utcnow
 from workers.errors import RetryRemaining
 from workers.gateways.registry import get_gateway
 from workers.models import Refund
-from workers.payloads import CheckRefunds, SubmitRefund
-from workers.refunds import (
-    RetryPolicy,
-    check_refunds,
-    finish_checks,
-    retry_stuck_refunds,
-    submit_refund,
-)
+from workers.payloads import CheckRefund, CheckRefunds, SubmitRefund
+from workers.refunds.checks import check_refunds, finish_checks
+from workers.refunds.retries import RetryPolicy, retry_stuck_refunds
+from workers.refunds.submission import submit_refund
 
 
 def lease() -> timedelta:
@@ -92,8 +88,8 @@ def submit(ctx: TaskContext, payload: SubmitRefund) -> str:
     return submit_refund(ctx.session, payload.refund_id, utcnow, get_gateway, lease=lease())
 
 
-@task("refunds.check", payload=SubmitRefund, batch_precheck=refund_still_processing)
-def check(ctx: TaskContext, payload: SubmitRefund) -> str:
+@task("refunds.check", payload=CheckRefund, batch_precheck=refund_still_processing)
+def check(ctx: TaskContext, payload: CheckRefund) -> str:
     """One PROCESSING refund re-checked at its gateway (a replay from the dead-letter queue)."""
     checked = check_refunds(ctx.session, [payload.refund_id], utcnow, get_gateway)
     return checked.outcome(payload.refund_id)

@@ -13,7 +13,7 @@ from config import get_settings
 from workers.base import TaskContext, task
 from workers.models import WebhookEvent
 from workers.payloads import ProcessWebhook
-from workers.webhooks import MalformedWebhook, parse, process_webhook
+from workers.webhooks.events import MalformedWebhook, parse, process_webhook
 
 
 def webhook_secret(provider: str) -> str | None:

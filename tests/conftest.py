@@ -61,7 +61,7 @@ def utc(*args: int) -> datetime:
 
 @pytest.fixture(scope="session")
 def pg_engine() -> Iterator[Engine]:
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     engine = create_engine(DATABASE_URL)
     with engine.begin() as conn:
@@ -74,7 +74,7 @@ def pg_engine() -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def sqlite_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     from workers.db import make_engine
-    from workers.migrate import upgrade
+    from workers.db.migrate import upgrade
 
     url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'backstop.sqlite'}"
     upgrade(url)
@@ -188,7 +188,7 @@ def wait_until(check: Callable[[], object], timeout: float = 30.0, every: float 
 
 @pytest.fixture(scope="session")
 def simulator_server() -> Iterator[object]:
-    from workers.gateways.simulator import SimulatorServer
+    from workers.devtools.simulator import SimulatorServer
 
     with SimulatorServer() as server:
         yield server
@@ -233,7 +233,7 @@ def smtp(smtp_server: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[Any]:
-    from workers.notify.sandbox import SandboxServer
+    from workers.devtools.sandbox import SandboxServer
 
     with SandboxServer() as server:
         yield server

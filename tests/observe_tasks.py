@@ -14,9 +14,9 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config import get_settings
-from workers.alerts import raise_alert
 from workers.base import TaskContext, task
 from workers.errors import Defer, PermanentError, TransientError
+from workers.observability.alerts import raise_alert
 from workers.payloads import Payload
 
 log = logging.getLogger("backstop.observe_test")

@@ -162,7 +162,7 @@ def test_every_countdown_stays_below_the_visibility_timeout() -> None:
 def test_a_countdown_past_the_longest_is_refused_before_it_is_sent() -> None:
     from datetime import UTC, datetime, timedelta
 
-    from workers.enqueue import send
+    from workers.messaging.enqueue import send
 
     with pytest.raises(ValueError, match="longer than the longest countdown"):
         send("holds.expire", {"hold_id": 1}, countdown=COUNTDOWN_CEILING_SECONDS + 1)

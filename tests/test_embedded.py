@@ -167,7 +167,7 @@ def test_embedded_default_expires_holds_and_flower_sees_them(tmp_path: Path) -> 
 
 
 def test_prune_keeps_waiting_tasks_and_drops_stale_event_queues(tmp_path: Path) -> None:
-    from workers.demo import prune_embedded_broker
+    from workers.devtools.demo import prune_embedded_broker
 
     messages, control = tmp_path / "messages", tmp_path / "control"
     messages.mkdir()
@@ -189,7 +189,7 @@ def test_the_embedded_broker_never_shows_a_worker_a_half_written_message(tmp_pat
     from config.settings import load_settings
 
     assert celery_config(load_settings(BROKER_URL="filesystem://"))["broker_transport"] == (
-        "workers.embedded_broker:Transport"
+        "workers.messaging.embedded_broker:Transport"
     )
     folder = tmp_path / "messages"
     folder.mkdir()
@@ -201,7 +201,9 @@ def test_the_embedded_broker_never_shows_a_worker_a_half_written_message(tmp_pat
         "control_folder": str(tmp_path / "control"),
     }
     with Connection(
-        "filesystem://", transport="workers.embedded_broker:Transport", transport_options=options
+        "filesystem://",
+        transport="workers.messaging.embedded_broker:Transport",
+        transport_options=options,
     ) as connection:
         queue = connection.SimpleQueue("default")
         # What a writer leaves while it writes: never taken, whatever its state.

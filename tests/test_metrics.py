@@ -22,11 +22,11 @@ from config.settings import load_settings
 from tests.conftest import BROKER_URL, service_env, wait_until
 from tests.metrics_helpers import Samples, exporter, parse, scrape, value
 from tests.processes import ROOT, Proc
-from workers.business_metrics import BusinessMetrics
 from workers.db import session_scope
 from workers.gateways.breaker import make_breaker
-from workers.metrics import LOCK_FILE, node_dir
 from workers.models import BookingHold, DeadLetter, JobRun, Payment, Refund
+from workers.observability.business_metrics import BusinessMetrics
+from workers.observability.metrics import LOCK_FILE, node_dir
 
 NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 
@@ -193,7 +193,10 @@ def test_a_source_that_cannot_be_read_is_reported_down_not_fatal(
 
 def add_counter(folder: Path, amount: int) -> None:
     """A metrics file as a worker process leaves it, with backstop_tasks_total incremented."""
-    code = f"from workers.metrics import TASKS; TASKS.labels('observe.ok', 'success').inc({amount})"
+    code = (
+        "from workers.observability.metrics import TASKS; "
+        f"TASKS.labels('observe.ok', 'success').inc({amount})"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}
     subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)

@@ -26,10 +26,10 @@ from config import get_settings
 from config.settings import load_settings
 from tests.conftest import wait_until
 from tests.processes import Proc
-from workers import sentry
 from workers.db import session_scope
 from workers.models import DeadLetter, JobRun
-from workers.scrub import Scrubber, configured_secrets
+from workers.observability import sentry
+from workers.observability.scrub import Scrubber, configured_secrets
 
 SECRETS = {
     "RAZORPAY_KEY_ID": "rzp_test_Kq3Vb8LmZx2Nw7",

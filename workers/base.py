@@ -25,11 +25,10 @@ from celery.worker.request import Request
 from sqlalchemy.orm import Session
 
 from config import get_settings
+from config.schedule import current_slot
 from config.settings import Settings
 from workers import dead_letters
-from workers.broker import broker_redis
 from workers.db import session_scope
-from workers.enqueue import enqueue_after_commit, send
 from workers.errors import (
     Defer,
     DeferredTooLong,
@@ -40,6 +39,9 @@ from workers.errors import (
     one_line,
     retryable,
 )
+from workers.jobs import run_in_slot
+from workers.messaging.broker import broker_redis
+from workers.messaging.enqueue import enqueue_after_commit, send
 from workers.payloads import Payload, validate
 from workers.retry import backoff_delay
 
@@ -70,9 +72,6 @@ class TaskContext:
         """Run this scheduled task's `work` once for the schedule slot `now` falls in (the job
         is the task's name): a second beat or a manual run in the same slot does nothing (see
         `workers.jobs.claim_slot`)."""
-        from config.schedule import current_slot
-        from workers.jobs import run_in_slot
-
         return run_in_slot(
             self.session,
             self.task_name,

@@ -9,9 +9,9 @@ from typing import Any
 from celery import signals
 
 from config import get_settings
-from workers import limits, logs, metrics, sentry
 from workers.application import TASK_MODULES, app
 from workers.db import dispose_engine
+from workers.observability import limits, logs, metrics, sentry
 
 __all__ = ["TASK_MODULES", "app"]
 

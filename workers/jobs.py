@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from workers.db.upsert import insert_ignore
@@ -73,31 +73,6 @@ def record_heartbeat(
             started_at=started_at,
             finished_at=finished_at,
             outcome=outcome,
-            task_id=task_id,
-            error=error,
-        )
-    )
-
-
-def record_run(
-    session: Session,
-    job_name: str,
-    *,
-    started_at: datetime,
-    finished_at: datetime,
-    outcome: str,
-    counts: dict[str, int],
-    task_id: str | None = None,
-    error: str | None = None,
-) -> None:
-    """One `job_runs` row for one run of a job that runs every few minutes or less often."""
-    session.execute(
-        insert(JobRun).values(
-            job_name=job_name,
-            started_at=started_at,
-            finished_at=finished_at,
-            outcome=outcome,
-            counts=counts,
             task_id=task_id,
             error=error,
         )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from config.settings import EMAIL_PATTERN
 from workers.errors import PayloadError
-from workers.notify.templates import TemplateError, lookup, missing_fields
+from workers.templates import TemplateError, lookup, missing_fields
 
 Id = Annotated[int, Field(gt=0, lt=2**63)]
 
@@ -29,6 +29,10 @@ class ExpireHold(Payload):
 
 
 class SubmitRefund(Payload):
+    refund_id: Id
+
+
+class CheckRefund(Payload):
     refund_id: Id
 
 

@@ -216,6 +216,12 @@ def test_payment_listing_pages_through_a_window(
             }
         ],
     )
-    pages = list(gateways[name].list_payments(start, start + timedelta(days=1)))
+    pages, cursor = [], None
+    while True:
+        page = gateways[name].payment_page(start, start + timedelta(days=1), cursor)
+        pages.append(page.items)
+        if page.cursor is None:
+            break
+        cursor = page.cursor
     assert [len(page) for page in pages] == [100, 100, 30]
     assert len({payment.id for page in pages for payment in page}) == 230

@@ -15,7 +15,7 @@ import razorpay.errors
 import requests
 import stripe
 
-from workers.gateways.simulator import SimulatorServer, SimulatorState
+from workers.devtools.simulator import SimulatorServer, SimulatorState
 
 KEY_ID, KEY_SECRET, API_KEY = "rzp_test_sim", "sim_secret", "sk_test_sim"
 SHORT_TIMEOUT = 0.5  # the client's; faults that hang do so for longer

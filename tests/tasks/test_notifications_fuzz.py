@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, select
 from tasks.notifications import send
 from workers.db import session_scope
 from workers.models import DeadLetter, Notification
-from workers.notify.templates import TEMPLATES
+from workers.templates import TEMPLATES
 
 FIELDS = ("channel", "recipient", "template", "data", "dedupe_key")
 RECIPIENTS = {"email": "ana@example.com", "sms": "+14155550123", "push": "user:42"}

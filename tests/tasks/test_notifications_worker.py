@@ -16,7 +16,7 @@ from tests.processes import Proc
 from workers.celery_app import app
 from workers.db import session_scope
 from workers.models import DeadLetter, JobRun, Notification
-from workers.notify.delivery import DELIVER_TASK, send_notification
+from workers.notify.delivery import send_notification
 from workers.payloads import SendNotification
 
 pytestmark = pytest.mark.e2e
@@ -86,7 +86,7 @@ def test_a_provider_down_for_every_attempt_ends_dead_and_a_replay_delivers_it_on
     [letter] = wait_until(letters)
     [notification] = statuses()
     assert (letter.task_name, letter.payload, letter.classification, letter.attempts) == (
-        DELIVER_TASK,
+        "notifications.deliver",
         {"notification_id": notification},
         "TRANSIENT",
         3,
@@ -208,7 +208,7 @@ def test_bad_payloads_through_a_real_worker_are_dead_letters_naming_the_field(
     for kwargs, _ in BAD_PAYLOADS:
         app.send_task("notifications.send", kwargs=kwargs)
     app.send_task("notifications.send", args=["email", "ana@example.com"])
-    app.send_task(DELIVER_TASK, kwargs={"notification_id": "7"})
+    app.send_task("notifications.deliver", kwargs={"notification_id": "7"})
     wait_until(lambda: len(letters()) == len(BAD_PAYLOADS) + 2, timeout=30)
     found = {json.dumps(letter.payload, sort_keys=True): letter for letter in letters()}
     for kwargs, message in BAD_PAYLOADS:

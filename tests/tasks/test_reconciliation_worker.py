@@ -17,7 +17,7 @@ from tests.processes import Proc
 from tests.tasks.test_refunds_worker import worker_env
 from tests.workers.factories import add_hold
 from workers.celery_app import app
-from workers.gateways.simulator import sign_razorpay, sign_stripe
+from workers.devtools.simulator import sign_razorpay, sign_stripe
 from workers.models import (
     BookingHold,
     DeadLetter,

@@ -79,7 +79,7 @@ def test_a_chunk_of_rechecks_retries_only_the_refunds_that_got_no_answer(
     from datetime import timedelta
 
     from workers.base import utcnow
-    from workers.refunds import submit_refund
+    from workers.refunds.submission import submit_refund
 
     worker = start_worker(**worker_env(simulator_server))
     ids = []

@@ -27,8 +27,8 @@ from tests.processes import Proc
 from tests.workers.factories import add_hold, add_refund
 from workers.celery_app import app
 from workers.db import session_scope
+from workers.devtools.simulator import sign_razorpay
 from workers.errors import Classification, TransientError
-from workers.gateways.simulator import sign_razorpay
 from workers.models import DeadLetter, Notification, Payment, Refund
 
 pytestmark = pytest.mark.e2e
@@ -343,7 +343,7 @@ def test_a_task_killed_at_its_hard_limit_while_its_letter_cannot_be_written_runs
 def test_a_task_deferred_past_its_limit_becomes_a_dead_letter_for_a_person(
     committed: Engine, start_worker: Callable[..., Proc], redis: Any
 ) -> None:
-    from workers.dlq_rules import match
+    from workers.dlq.rules import match
 
     observe_worker(start_worker, TASK_DEFER_MAX_SECONDS="3")
     app.send_task("observe.always_defer", kwargs={"token": "outage"}, queue="default")
@@ -365,7 +365,7 @@ def test_a_replay_that_keeps_deferring_is_not_given_up_as_stale(
 ) -> None:
     """A replay may defer for up to TASK_DEFER_MAX_SECONDS (a day), longer than triage waits
     for a replay's outcome (DLQ_REPLAY_STALE_SECONDS, 6 h): each deferral says it is alive."""
-    from workers.dlq import TriagePolicy, give_up_stale
+    from workers.dlq.triage import TriagePolicy, give_up_stale
 
     observe_worker(start_worker)
     with session_scope() as session:

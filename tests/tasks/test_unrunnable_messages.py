@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import BROKER_URL, wait_until
 from tests.processes import Proc
 from workers.celery_app import app
-from workers.dlq_rules import match
+from workers.dlq.rules import match
 from workers.models import DeadLetter
 
 pytestmark = pytest.mark.e2e

@@ -16,8 +16,9 @@ from sqlalchemy import Engine, func, select
 from tests.workers.factories import add_hold
 from workers.db import new_session, session_scope
 from workers.dead_letters import HEADER, record_dead_letter
-from workers.dlq import ReplayError, TriagePolicy, discard, replay, triage
-from workers.dlq_rules import RULES, Rule
+from workers.dlq.replay import ReplayError, discard, replay
+from workers.dlq.rules import RULES, Rule
+from workers.dlq.triage import TriagePolicy, triage
 from workers.errors import Classification, NotFound, PayloadError, TransientError
 from workers.gateways.base import GatewayPermanent
 from workers.models import DeadLetter, DeadLetterEvent, StateTransition
@@ -75,7 +76,7 @@ def sent(redis: redis_lib.Redis) -> list[tuple[str, dict[str, Any], Any]]:
 def dispatched(redis: redis_lib.Redis) -> list[tuple[str, dict[str, Any], Any]]:
     """Run the `dlq.dispatch` tasks triage queued, as a worker would, and return the replay
     messages then waiting (the dispatch messages themselves taken off the queue)."""
-    from workers.dlq import dispatch
+    from workers.dlq.triage import dispatch
 
     chunks = [
         kwargs["dead_letter_ids"] for name, kwargs, _ in sent(redis) if name == "dlq.dispatch"
@@ -304,7 +305,7 @@ def test_rules_are_one_readable_table_and_first_match_wins() -> None:
             "error_message": "booking_holds 1 does not exist",
         },
     )()
-    from workers.dlq_rules import match
+    from workers.dlq.rules import match
 
     assert match(probe).name == "hold-gone"
     assert match(probe, (Rule("all", "manual", "x"), *RULES)).name == "all"

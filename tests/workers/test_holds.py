@@ -15,7 +15,7 @@ from tests.conftest import utc
 from tests.workers.factories import add_hold, add_holds
 from workers.db import session_scope
 from workers.errors import NotFound
-from workers.holds import expire_hold, notify_expired, sweep_expired_holds
+from workers.holds.expiry import expire_hold, notify_expired, sweep_expired_holds
 from workers.models import BookingHold, Notification, StateTransition
 
 NOW = utc(2026, 3, 1, 9)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from tests.workers.factories import add_holds
 from workers.db import new_session
-from workers.holds import expire_hold, sweep_expired_holds
+from workers.holds.expiry import expire_hold, sweep_expired_holds
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from sqlalchemy import Engine, insert, select
 
 from tests.workers.factories import CAPTURED, CURRENCY
 from workers.db import new_session, session_scope
-from workers.janitor import JanitorPolicy, check_in_flight
 from workers.models import Notification, Payment
+from workers.payments.in_flight import JanitorPolicy, check_in_flight
 
 T0 = datetime(2026, 6, 1, 12, tzinfo=UTC)
 POLICY = JanitorPolicy(stuck_after=timedelta(minutes=15), max_attempts=3, batch_size=50)

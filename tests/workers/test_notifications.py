@@ -26,8 +26,6 @@ from workers.models import (
 )
 from workers.notify.channels import Channels, EmailChannel, PushChannel, SmsChannel
 from workers.notify.delivery import (
-    DELIVER_TASK,
-    PUMP_TASK,
     Outcome,
     Policy,
     deliver_due,
@@ -158,7 +156,7 @@ def test_send_persists_once_per_dedupe_key_and_enqueues_one_delivery(
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Notification)) == 2
     # One delivery pump for all three: the sends within its debounce ride on it.
-    assert queued(redis) == [(PUMP_TASK, {})]
+    assert queued(redis) == [("notifications.deliver_due", {})]
     stored = row(first)
     assert (stored.status, stored.attempts, stored.enqueued_at) == ("PENDING", 0, T0)
 
@@ -177,7 +175,7 @@ def test_concurrent_sends_of_one_dedupe_key_write_one_row(committed: Engine, red
     for thread in threads:
         thread.join()
     assert len(set(ids)) == 1 and len(ids) == 6
-    assert queued(redis) == [(PUMP_TASK, {})]
+    assert queued(redis) == [("notifications.deliver_due", {})]
 
 
 # -- delivery per channel -----------------------------------------------------------------------
@@ -213,7 +211,7 @@ def test_email_is_delivered_over_smtp_and_the_attempt_recorded(
                 StateTransition.from_status, StateTransition.to_status, StateTransition.actor
             ).where(StateTransition.entity == "notifications")
         ).all()
-    assert audit == [("PENDING", "SENT", DELIVER_TASK)]
+    assert audit == [("PENDING", "SENT", "notifications.deliver")]
 
 
 def test_one_smtp_connection_serves_many_messages(
@@ -278,7 +276,7 @@ def test_transient_failures_back_off_exponentially_then_end_dead_with_a_dead_let
         clock.advance(outcome.retry_in)
     # Equal jitter around 60 s, then around 120 s: each within [step/2, step].
     assert 30 <= delays[0] <= 60 and 60 <= delays[1] <= 120
-    assert queued(redis) == [(DELIVER_TASK, {"notification_id": notification})] * 2
+    assert queued(redis) == [("notifications.deliver", {"notification_id": notification})] * 2
     outcome = deliver(notification, channels, clock)
     assert (outcome.result, outcome.attempt) == ("dead", 3)
     assert [(a, o) for a, o, _ in attempts(notification)] == [
@@ -289,7 +287,7 @@ def test_transient_failures_back_off_exponentially_then_end_dead_with_a_dead_let
     assert row(notification).status == "DEAD" and smtp.messages == []
     [letter] = letters()
     assert (letter.task_name, letter.payload, letter.classification, letter.attempts) == (
-        DELIVER_TASK,
+        "notifications.deliver",
         {"notification_id": notification},
         "TRANSIENT",
         3,
@@ -575,8 +573,8 @@ def test_the_outbox_sweep_re_sends_only_lost_deliveries(committed: Engine, redis
         result = sweep_outbox(session, lambda: now, after=timedelta(minutes=5))
     assert result.enqueued == 2
     assert queued(redis) == [
-        (DELIVER_TASK, {"notification_id": lost}),
-        (DELIVER_TASK, {"notification_id": by_sql}),
+        ("notifications.deliver", {"notification_id": lost}),
+        ("notifications.deliver", {"notification_id": by_sql}),
     ]
     assert row(lost).enqueued_at == now and row(recent).enqueued_at == now - timedelta(seconds=30)
     with new_session() as session:  # at once again: those were just sent
@@ -667,13 +665,13 @@ def test_the_replay_precheck_skips_sent_and_revives_dead(
 def test_an_alert_is_delivered_to_the_ops_address(
     committed: Engine, channels: Channels, smtp: Any, redis: Any
 ) -> None:
-    from workers.alerts import raise_alert
+    from workers.observability.alerts import raise_alert
 
     with session_scope() as session:
         assert raise_alert(
             session, "refund_manual_review", "refund 5 needs review", dedupe="r5", now=T0
         )
-    assert queued(redis) == [(PUMP_TASK, {})]
+    assert queued(redis) == [("notifications.deliver_due", {})]
     with new_session() as session:
         assert deliver_due(session, Clock(), channels, POLICY).sent == 1
     [mail] = smtp.messages
@@ -686,8 +684,8 @@ def test_a_failed_delivery_send_never_rolls_back_the_alerting_transaction(
 ) -> None:
     import kombu.exceptions
 
-    from workers.alerts import raise_alert
     from workers.celery_app import app
+    from workers.observability.alerts import raise_alert
 
     def broker_down(*args: Any, **kwargs: Any) -> None:
         raise kombu.exceptions.OperationalError("Error 111 connecting to the broker")
@@ -709,7 +707,7 @@ def test_expired_holds_waitlist_notifications_are_sent_for_delivery(
     committed: Engine, redis: Any
 ) -> None:
     from tests.workers.factories import add_hold
-    from workers.holds import expire_hold, notify_expired
+    from workers.holds.expiry import expire_hold, notify_expired
 
     with session_scope() as session:
         hold = add_hold(session, T0 - timedelta(minutes=1))
@@ -718,7 +716,7 @@ def test_expired_holds_waitlist_notifications_are_sent_for_delivery(
     redis.flushdb()
     with session_scope() as session:
         assert notify_expired(session, [hold], T0) == 1
-    assert queued(redis) == [(PUMP_TASK, {})]
+    assert queued(redis) == [("notifications.deliver_due", {})]
     with session_scope() as session:
         note = session.scalar(select(Notification).where(Notification.template == "hold_expired"))
     assert note.enqueued_at == T0
@@ -764,7 +762,10 @@ def test_the_pump_delivers_every_due_notification_in_batches(
         audit = session.scalar(
             select(func.count())
             .select_from(StateTransition)
-            .where(StateTransition.to_status == "SENT", StateTransition.actor == PUMP_TASK)
+            .where(
+                StateTransition.to_status == "SENT",
+                StateTransition.actor == "notifications.deliver_due",
+            )
         )
     assert audit == 21
 
@@ -794,18 +795,18 @@ def test_pumps_at_once_never_send_one_notification_twice(
 
 
 def test_sends_ride_on_a_queued_pump_until_it_starts(committed: Engine, redis: Any) -> None:
-    from workers.outbox import pump_started
+    from workers.messaging.outbox import pump_started
 
     send("sms", "+14155550001")
     send("sms", "+14155550002")
-    assert queued(redis) == [(PUMP_TASK, {})]
+    assert queued(redis) == [("notifications.deliver_due", {})]
     pump_started()  # a pump took the key: what is written after it needs a new one
     send("sms", "+14155550003")
-    assert queued(redis) == [(PUMP_TASK, {})] * 2
+    assert queued(redis) == [("notifications.deliver_due", {})] * 2
 
 
 def test_the_demo_seeds_its_notifications_once(committed: Engine, redis: Any) -> None:
-    from workers.demo import seed, seed_notifications
+    from workers.devtools.demo import seed, seed_notifications
 
     with session_scope() as session:
         seed(session, T0, holds=4)
@@ -815,7 +816,7 @@ def test_the_demo_seeds_its_notifications_once(committed: Engine, redis: Any) ->
         users = set(session.scalars(select(PushToken.user_id)))
     assert len(ids) == 3 and {row(n).status for n in ids} == {"PENDING"}
     assert users == {"demo-user-0", "demo-user-1", "demo-user-2", "demo-user-3"}
-    assert [kwargs for task, kwargs in queued(redis) if task == DELIVER_TASK] == [
+    assert [kwargs for task, kwargs in queued(redis) if task == "notifications.deliver"] == [
         {"notification_id": n} for n in ids
     ]
 

@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import Engine, select
 
 from workers.db import session_scope
-from workers.jobs import record_run
+from workers.jobs import run_in_slot
 from workers.models import Notification
-from workers.ops import JOB, check_schedules
+from workers.ops.schedules import check_schedules
 
 T0 = datetime(2026, 7, 1, 10, tzinfo=UTC)
 WINDOWS = {
@@ -31,13 +31,15 @@ def alerts() -> list[Notification]:
 
 def run(job: str, at: datetime) -> None:
     with session_scope() as session:
-        record_run(session, job, started_at=at, finished_at=at, outcome="OK", counts={})
+        run_in_slot(session, job, at, task_id=None, now=at, clock=lambda: at, work=dict)
 
 
 def check(at: datetime) -> list[str]:
     with session_scope() as session:
         missed = check_schedules(session, at, WINDOWS)
-        record_run(session, JOB, started_at=at, finished_at=at, outcome="OK", counts={})
+        run_in_slot(
+            session, "ops.check_schedules", at, task_id=None, now=at, clock=lambda: at, work=dict
+        )
     return missed
 
 

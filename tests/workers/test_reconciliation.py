@@ -41,7 +41,7 @@ from workers.reconciliation import (
     plan_nightly,
     reconcile_run,
 )
-from workers.reconciliation.runs import RunState, claim_run, save_progress
+from workers.reconciliation.run_records import RunState, claim_run, save_progress
 
 GATEWAYS = ["razorpay", "stripe"]
 UTC_ZONE = ZoneInfo("UTC")

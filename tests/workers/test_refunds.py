@@ -18,14 +18,9 @@ from workers.db import new_session, session_scope
 from workers.errors import NotFound
 from workers.gateways.base import GatewayPermanent, GatewayTransient, OutcomeUnknown
 from workers.models import Notification, Refund, StateTransition
-from workers.refunds import (
-    RefundInFlight,
-    RetryPolicy,
-    check_refunds,
-    finish_checks,
-    retry_stuck_refunds,
-    submit_refund,
-)
+from workers.refunds.checks import check_refunds, finish_checks
+from workers.refunds.retries import RetryPolicy, retry_stuck_refunds
+from workers.refunds.submission import RefundInFlight, submit_refund
 
 GATEWAYS = ["razorpay", "stripe"]
 LEASE = timedelta(seconds=30)
@@ -603,7 +598,7 @@ def test_an_answer_for_a_superseded_attempt_moves_nothing(
     started. Attempt 1's request then comes back: its answer must not move the refund, and if
     it says a refund exists, a person must look before attempt 2 refunds the customer again."""
     from workers.gateways.base import GatewayRefund
-    from workers.refunds import record_outcome
+    from workers.refunds.submission import record_outcome
 
     refund_id = add_refund(sim, "razorpay")
     with session_scope() as session:

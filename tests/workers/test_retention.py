@@ -8,7 +8,7 @@ from sqlalchemy import Engine, func, insert, select
 
 from workers.db import new_session, session_scope
 from workers.models import DeadLetter, DeadLetterEvent, JobRun, StateTransition, WebhookEvent
-from workers.retention import Retention, prune
+from workers.ops.retention import Retention, prune
 
 NOW = datetime(2026, 6, 1, 3, 15, tzinfo=UTC)
 POLICY = Retention(

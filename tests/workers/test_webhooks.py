@@ -15,9 +15,9 @@ from sqlalchemy import Engine, func, insert, select
 from tests.workers.factories import CAPTURED, CURRENCY
 from workers.base import utcnow
 from workers.db import new_session, session_scope
-from workers.gateways.simulator import sign_razorpay, sign_stripe
+from workers.devtools.simulator import sign_razorpay, sign_stripe
 from workers.models import Notification, Payment, Refund, StateTransition, WebhookEvent
-from workers.webhooks import (
+from workers.webhooks.events import (
     MalformedWebhook,
     WebhookNotConfigured,
     WebhookSignatureError,

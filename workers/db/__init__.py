@@ -6,10 +6,9 @@ from workers.db.engine import (
     make_engine,
     new_session,
     on_commit,
-    run_in_transaction,
     session_scope,
 )
-from workers.db.locks import claim, is_postgres, lock_key, lock_rows, try_advisory_xact_lock
+from workers.db.locks import claim, is_postgres
 from workers.db.transitions import (
     MACHINES,
     InvalidTransition,
@@ -26,14 +25,10 @@ __all__ = [
     "dispose_engine",
     "get_engine",
     "is_postgres",
-    "lock_key",
-    "lock_rows",
     "make_engine",
     "new_session",
     "on_commit",
-    "run_in_transaction",
     "session_scope",
     "transition",
     "transition_batch",
-    "try_advisory_xact_lock",
 ]

@@ -6,19 +6,15 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import get_settings
-from workers.errors import sqlstate
-from workers.retry import backoff_delay
 
 log = logging.getLogger("backstop.db")
 _lock = threading.Lock()
@@ -27,7 +23,6 @@ _engine_pid: int | None = None
 _sessionmaker: sessionmaker[Session] | None = None
 
 AFTER_COMMIT = "backstop.after_commit"
-CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
@@ -144,24 +139,3 @@ def _run_after_commit(session: Session) -> None:
 def _drop_after_rollback(session: Session, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:  # only the outermost transaction's rollback
         session.info.pop(AFTER_COMMIT, None)
-
-
-def run_in_transaction(
-    work: Callable[[Session], Any],
-    *,
-    attempts: int = 5,
-    base_delay: float = 0.05,
-    max_delay: float = 2.0,
-    sleep: Callable[[float], None] | None = None,
-) -> Any:
-    """Run `work(session)` in its own transaction, again after a deadlock or a serialization
-    failure (40P01, 40001), with jittered backoff. Other errors propagate at once."""
-    for attempt in range(attempts):
-        try:
-            with session_scope() as session:
-                return work(session)
-        except DBAPIError as exc:
-            if sqlstate(exc) not in CONFLICT_SQLSTATES or attempt == attempts - 1:
-                raise
-            (sleep or time.sleep)(backoff_delay(attempt, base_delay, max_delay))
-    raise AssertionError("unreachable")

@@ -1,4 +1,4 @@
-"""Named lock helpers: rows locked in a fixed order, batches claimed with SKIP LOCKED.
+"""Lock helpers: batches claimed with SKIP LOCKED.
 
 On SQLite there are no row locks; every write transaction there begins IMMEDIATE and so holds
 the database's write lock, which makes the same code correct, only serial.
@@ -6,11 +6,9 @@ the database's write lock, which makes the same code correct, only serial.
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 T = TypeVar("T")
@@ -18,18 +16,6 @@ T = TypeVar("T")
 
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
-
-
-def lock_rows(session: Session, model: type[T], ids: Iterable[int]) -> Sequence[T]:
-    """Lock these rows FOR UPDATE, always in id order, so two lockers never deadlock."""
-    table = model.__table__  # type: ignore[attr-defined]
-    stmt = (
-        select(model)
-        .where(table.c.id.in_(sorted(set(ids))))
-        .order_by(table.c.id)
-        .with_for_update(of=table)
-    )
-    return session.scalars(stmt).all()
 
 
 def claim(stmt: Select[Any], limit: int) -> Select[Any]:
@@ -40,16 +26,3 @@ def claim(stmt: Select[Any], limit: int) -> Select[Any]:
     """
     froms = stmt.get_final_froms()
     return stmt.limit(limit).with_for_update(skip_locked=True, of=froms[0] if froms else None)
-
-
-def lock_key(name: str) -> int:
-    """A stable signed 64-bit advisory-lock key for a name."""
-    value = zlib.crc32(name.encode()) | (zlib.adler32(name.encode()) << 32)
-    return value - (1 << 64) if value >= (1 << 63) else value
-
-
-def try_advisory_xact_lock(session: Session, name: str) -> bool:
-    """Take the named lock until the transaction ends, or return False if someone holds it."""
-    if not is_postgres(session):
-        return True  # the SQLite write lock taken at BEGIN IMMEDIATE already serializes
-    return bool(session.execute(select(func.pg_try_advisory_xact_lock(lock_key(name)))).scalar())

@@ -8,7 +8,7 @@ request may have taken effect: ask the gateway before doing anything else).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -39,7 +39,7 @@ class OutcomeUnknown(TransientError):
     """The request may have reached the gateway and taken effect (timeout, connection lost
     after sending, an answer we cannot read, anything unexpected): resolve by asking the
     gateway, never by sending a new request blindly. Retried like a transient error: the
-    next attempt asks the gateway first (`workers.refunds.send`)."""
+    next attempt asks the gateway first (`workers.refunds.submission.call_gateway`)."""
 
 
 class GatewayMalformed(GatewayTransient):
@@ -251,10 +251,6 @@ class Gateway(Protocol):
         ...
 
     def fetch_payment(self, payment_id: str) -> GatewayPayment: ...
-
-    def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
-        """The payments created in [start, end), a page at a time."""
-        ...
 
     def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
         """The page of payments created in [start, end) that begins at `cursor` (None: the

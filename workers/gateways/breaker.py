@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -137,15 +137,6 @@ class GuardedGateway:
 
     def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
         return self._call(self._gateway.payment_page, start, end, cursor)
-
-    def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
-        pages = self._gateway.list_payments(start, end)
-        while True:
-            try:
-                page = self._call(next, pages)
-            except StopIteration:
-                return
-            yield page
 
 
 def open_seconds(gateway: Gateway) -> float:

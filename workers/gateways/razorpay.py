@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -181,15 +181,6 @@ class RazorpayGateway:
             lambda: self._client.payment.fetch(payment_id, timeout=self._timeout),
             _payment,
         )
-
-    def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
-        cursor = None
-        while True:
-            page = self.payment_page(start, end, cursor)
-            yield page.items
-            if page.cursor is None:
-                return
-            cursor = page.cursor
 
     def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
         # Razorpay's window is inclusive at both ends, in whole seconds; its pages are offsets

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 from config import Settings, get_settings
-from workers.broker import broker_redis
 from workers.gateways.base import Gateway, GatewayPermanent
 from workers.gateways.breaker import Breakers, GuardedGateway
 from workers.gateways.razorpay import RazorpayGateway
 from workers.gateways.stripe import StripeGateway
+from workers.messaging.broker import broker_redis
 
 _cache: dict[tuple[int, str], Gateway] = {}
 

@@ -9,7 +9,7 @@ of reading it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -128,15 +128,6 @@ class StripeGateway:
             lambda: self._v1.payment_intents.retrieve(payment_id),
             _payment,
         )
-
-    def list_payments(self, start: datetime, end: datetime) -> Iterator[list[GatewayPayment]]:
-        cursor = None
-        while True:
-            page = self.payment_page(start, end, cursor)
-            yield page.items
-            if page.cursor is None:
-                return
-            cursor = page.cursor
 
     def payment_page(self, start: datetime, end: datetime, cursor: str | None) -> PaymentPage:
         params: dict[str, Any] = {

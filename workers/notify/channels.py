@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from config import Settings
+from config import Settings, get_settings
 from workers.errors import PermanentError, TransientError, one_line
 
 
@@ -359,7 +359,5 @@ def get_channels() -> Channels:
     an HTTP session are not to be shared between threads)."""
     channels = getattr(_local, "channels", None)
     if channels is None:
-        from config import get_settings
-
         channels = _local.channels = channels_from(get_settings())
     return channels

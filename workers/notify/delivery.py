@@ -31,11 +31,13 @@ from sqlalchemy import ColumnElement, and_, any_, func, insert, or_, select, upd
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from config.celery import max_countdown
 from workers.db import claim, is_postgres, transition, transition_batch
 from workers.db.upsert import insert_ignore
 from workers.dead_letters import record_dead_letter
-from workers.enqueue import enqueue_after_commit
 from workers.errors import Classification, NotFound, PermanentError, classify, one_line
+from workers.messaging.enqueue import enqueue_after_commit
+from workers.messaging.outbox import OPS_RECIPIENT, kick_after_commit
 from workers.models import Notification, NotificationAttempt, PushToken
 from workers.notify.channels import (
     ChannelNotConfigured,
@@ -48,14 +50,12 @@ from workers.notify.channels import (
     mask,
     scrub,
 )
-from workers.notify.templates import render
-from workers.outbox import OPS_RECIPIENT, PUMP_TASK, kick_after_commit
 from workers.payloads import SendNotification
 from workers.retry import backoff_delay
+from workers.templates import render
 
 log = logging.getLogger("backstop.notify")
 
-DELIVER_TASK = "notifications.deliver"
 # A delivery message may run this much before the attempt it was scheduled for (clock skew
 # between the worker that scheduled it and the one that runs it).
 EARLY_TOLERANCE = timedelta(seconds=1)
@@ -86,8 +86,6 @@ class Policy:
 
 
 def policy_from(settings: Any) -> Policy:
-    from config.celery import max_countdown
-
     return Policy(
         max_attempts=settings.NOTIFY_MAX_ATTEMPTS,
         backoff=settings.NOTIFY_BACKOFF_SECONDS,
@@ -192,7 +190,7 @@ def deliver_notification(
     channels: Channels,
     policy: Policy,
     *,
-    actor: str = DELIVER_TASK,
+    actor: str = "notifications.deliver",
     task_id: str | None = None,
     rng: random.Random | None = None,
 ) -> Outcome:
@@ -233,7 +231,7 @@ def deliver_due(
     *,
     batch_size: int = 50,
     time_budget: float = 10.0,
-    actor: str = PUMP_TASK,
+    actor: str = "notifications.deliver_due",
     task_id: str | None = None,
     rng: random.Random | None = None,
     helper: Callable[[], object] | None = None,
@@ -569,7 +567,7 @@ def _failed(
             )
         )
         enqueue_after_commit(
-            session, DELIVER_TASK, {"notification_id": notification_id}, countdown=delay
+            session, "notifications.deliver", {"notification_id": notification_id}, countdown=delay
         )
         log.warning(
             "notification.retry", extra={**extra, "error": scrub(message), "countdown": delay}
@@ -589,7 +587,7 @@ def _failed(
     )
     letter = record_dead_letter(
         session,
-        task_name=DELIVER_TASK,
+        task_name="notifications.deliver",
         task_id=task_id,
         payload={"notification_id": notification_id},
         error=error,
@@ -683,7 +681,9 @@ def sweep_outbox(
                 update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
             )
             for notification_id in ids:
-                enqueue_after_commit(session, DELIVER_TASK, {"notification_id": notification_id})
+                enqueue_after_commit(
+                    session, "notifications.deliver", {"notification_id": notification_id}
+                )
         session.commit()
         result.enqueued += len(ids)
         result.batches += 1

@@ -7,7 +7,7 @@ the gateway, `compare` compares a batch of pages with the database and writes wh
 
 from workers.reconciliation.compare import IdSet, gateway_status
 from workers.reconciliation.run import RunOptions, discrepancies, reconcile_run, run_report
-from workers.reconciliation.runs import (
+from workers.reconciliation.run_records import (
     GATEWAYS,
     TYPES,
     LeaseLost,

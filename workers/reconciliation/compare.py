@@ -46,7 +46,7 @@ from workers.gateways.base import (
     payment_status,
 )
 from workers.models import Payment, ReconciliationDiscrepancy, ReconciliationSeen, UTCDateTime
-from workers.reconciliation.runs import RunState
+from workers.reconciliation.run_records import RunState
 
 PAYMENTS = Payment.__table__
 MONEY_MOVED = ("AUTHORIZED", "COMPLETED")

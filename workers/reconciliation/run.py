@@ -22,7 +22,6 @@ from sqlalchemy import BigInteger, Engine, delete, func, literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from config import Settings
-from workers.alerts import raise_alert
 from workers.db import is_postgres, transition
 from workers.errors import PermanentError, one_line
 from workers.gateways.base import (
@@ -33,7 +32,9 @@ from workers.gateways.base import (
 )
 from workers.gateways.breaker import defer_while_open
 from workers.gateways.fanout import fetch_payments
+from workers.models import ReconciliationDiscrepancy as Found
 from workers.models import ReconciliationRun, ReconciliationSeen, UTCDateTime
+from workers.observability.alerts import raise_alert
 from workers.reconciliation.compare import (
     MONEY_MOVED,
     PAYMENTS,
@@ -45,7 +46,7 @@ from workers.reconciliation.compare import (
     minute_of,
 )
 from workers.reconciliation.listing import Lister
-from workers.reconciliation.runs import (
+from workers.reconciliation.run_records import (
     RUNS,
     TYPES,
     LeaseLost,
@@ -441,8 +442,6 @@ def discrepancies(
     """A run's discrepancies in the order they were found, read a thousand at a time: a run
     that found a million (the wrong account configured, say) must not need a million in
     memory to be shown."""
-    from workers.models import ReconciliationDiscrepancy as Found
-
     query = (
         select(
             Found.id,

@@ -1,0 +1,47 @@
+"""The `backstop` command line: one click group, and one module per command under
+`workers/cli/`, each added here. A command imports what only it needs (the Celery app, the
+stand-ins) inside its body, so `backstop --help` and the other commands start fast."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from config import SettingsError
+from config.settings import load_settings
+from workers.cli.db import db
+from workers.cli.devtools import demo, notify_sandbox, simulator
+from workers.cli.dlq import dlq
+from workers.cli.health import health
+from workers.cli.metrics import metrics
+from workers.cli.reconcile import reconcile
+from workers.cli.schemas import tasks
+from workers.cli.settings import config_group
+
+
+@click.group()
+def main() -> None:
+    """backstop: the background-worker system of the bookings-and-payments platform."""
+    try:
+        load_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+for command in (
+    db,
+    simulator,
+    notify_sandbox,
+    config_group,
+    health,
+    reconcile,
+    demo,
+    tasks,
+    dlq,
+    metrics,
+):
+    main.add_command(command)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""`backstop dlq`: the operator's tool for the dead-letter queue."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import sys
+from datetime import datetime, timedelta
+from typing import Any
+
+import click
+from sqlalchemy import Select, func, select
+
+from workers.dlq.rules import glob_like
+from workers.models import CLASSIFICATIONS as CLASSES
+from workers.models import DEAD_LETTER_STATUSES as STATUSES
+
+DURATION = re.compile(r"^(\d+)([smhd])$")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+CHUNK = 500  # letters replayed per transaction by `replay --all`
+
+
+def duration(value: str | None) -> timedelta | None:
+    if value is None:
+        return None
+    found = DURATION.match(value.strip())
+    if not found:
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 30m, 6h or 2d")
+    return timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+
+
+def default_actor() -> str:
+    return os.environ.get("BACKSTOP_ACTOR") or f"cli:{getpass.getuser()}"
+
+
+def filters(func_: Any) -> Any:
+    options = [
+        click.option("--task", help="Task name; * and ? match (refunds.*)."),
+        click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES)),
+        click.option(
+            "--error", help="Exception class name (PayloadError), or text in the message."
+        ),
+        click.option("--classification", type=click.Choice(CLASSES)),
+        click.option("--older-than", help="Only letters older than this (30m, 6h, 2d)."),
+        click.option("--newer-than", help="Only letters newer than this."),
+    ]
+    for option in reversed(options):
+        func_ = option(func_)
+    return func_
+
+
+def selection(
+    now: datetime,
+    task: str | None,
+    statuses: tuple[str, ...],
+    error: str | None,
+    classification: str | None,
+    older_than: str | None,
+    newer_than: str | None,
+) -> Select[Any]:
+    from workers.models import DeadLetter
+
+    query = select(DeadLetter)
+    if task:
+        query = query.where(DeadLetter.task_name.like(glob_like(task), escape="\\"))
+    if statuses:
+        query = query.where(DeadLetter.status.in_(statuses))
+    if error:
+        query = query.where(
+            (DeadLetter.error_type == error) | DeadLetter.error_message.contains(error)
+        )
+    if classification:
+        query = query.where(DeadLetter.classification == classification)
+    if (older := duration(older_than)) is not None:
+        query = query.where(DeadLetter.created_at <= now - older)
+    if (newer := duration(newer_than)) is not None:
+        query = query.where(DeadLetter.created_at > now - newer)
+    return query
+
+
+def letter_dict(letter: Any, *, full: bool = False) -> dict[str, Any]:
+    data = {
+        "id": letter.id,
+        "task_name": letter.task_name,
+        "status": letter.status,
+        "classification": letter.classification,
+        "error_type": letter.error_type,
+        "error_message": letter.error_message,
+        "attempts": letter.attempts,
+        "replays": letter.replays,
+        "rule": letter.rule,
+        "created_at": letter.created_at.isoformat(),
+        "updated_at": letter.updated_at.isoformat(),
+    }
+    if full:
+        data.update(
+            task_id=letter.task_id,
+            payload=letter.payload,
+            traceback=letter.traceback,
+            resolution=letter.resolution,
+            last_replayed_at=letter.last_replayed_at and letter.last_replayed_at.isoformat(),
+        )
+    return data
+
+
+def age(at: datetime, now: datetime) -> str:
+    seconds = int((now - at).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@click.group()
+def dlq() -> None:
+    """Dead letters: list, show, replay, discard."""
+
+
+@dlq.command("list")
+@filters
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
+    """Dead letters, newest first, with counts grouped by task, error and status."""
+    from workers.base import utcnow
+    from workers.db import session_scope
+    from workers.models import DeadLetter
+
+    now = utcnow()
+    query = selection(now, **given)
+    with session_scope() as session:
+        chosen = query.subquery()
+        groups = session.execute(
+            select(
+                chosen.c.task_name,
+                chosen.c.error_type,
+                chosen.c.classification,
+                chosen.c.status,
+                func.count(),
+                func.min(chosen.c.created_at),
+            )
+            .group_by(
+                chosen.c.task_name, chosen.c.error_type, chosen.c.classification, chosen.c.status
+            )
+            .order_by(func.count().desc())
+        ).all()
+        letters = session.scalars(query.order_by(DeadLetter.id.desc()).limit(limit)).all()
+        rows = [letter_dict(letter) for letter in letters]
+    counts = [
+        {
+            "task_name": task,
+            "error_type": error,
+            "classification": kind,
+            "status": status,
+            "count": count,
+            "oldest": oldest.isoformat(),
+        }
+        for task, error, kind, status, count, oldest in groups
+    ]
+    if as_json:
+        click.echo(json.dumps({"counts": counts, "letters": rows}))
+        return
+    if not counts:
+        click.echo("no dead letters match")
+        return
+    click.echo(f"{'count':>7}  {'oldest':>6}  {'status':<13} {'class':<9}  task / error")
+    for (task, error, kind, status, count, oldest), _ in zip(groups, counts, strict=True):
+        click.echo(f"{count:>7}  {age(oldest, now):>6}  {status:<13} {kind:<9}  {task} / {error}")
+    click.echo("")
+    click.echo(f"{'id':>8}  {'age':>5}  {'status':<13} {'task':<22} error")
+    for letter in rows:
+        created = datetime.fromisoformat(letter["created_at"])
+        message = f"{letter['error_type']}: {letter['error_message']}"[:90]
+        click.echo(
+            f"{letter['id']:>8}  {age(created, now):>5}  {letter['status']:<13} "
+            f"{letter['task_name']:<22} {message}"
+        )
+    total = sum(count["count"] for count in counts)
+    if total > len(rows):
+        click.echo(f"... {len(rows)} of {total} shown (--limit)")
+
+
+@dlq.command("show")
+@click.argument("letter_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def dlq_show(letter_id: int, as_json: bool) -> None:
+    """One dead letter: payload, error, traceback, attempts and its whole history."""
+    from workers.db import session_scope
+    from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+
+    with session_scope() as session:
+        letter = session.get(DeadLetter, letter_id)
+        if letter is None:
+            raise click.ClickException(f"dead letter {letter_id} does not exist")
+        data = letter_dict(letter, full=True)
+        history = [
+            {
+                "at": row.at.isoformat(),
+                "what": f"{row.from_status} -> {row.to_status}",
+                "actor": row.actor,
+                "reason": row.reason,
+            }
+            for row in session.scalars(
+                select(StateTransition).where(
+                    StateTransition.entity == "dead_letters",
+                    StateTransition.entity_id == letter_id,
+                )
+            )
+        ] + [
+            {
+                "at": row.at.isoformat(),
+                "what": row.action,
+                "actor": row.actor,
+                "reason": row.reason,
+                **({"detail": row.detail} if row.detail else {}),
+            }
+            for row in session.scalars(
+                select(DeadLetterEvent).where(DeadLetterEvent.dead_letter_id == letter_id)
+            )
+        ]
+    data["history"] = sorted(history, key=lambda item: item["at"])
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for key in (
+        "id",
+        "task_name",
+        "task_id",
+        "status",
+        "classification",
+        "rule",
+        "attempts",
+        "replays",
+        "created_at",
+        "updated_at",
+        "last_replayed_at",
+        "resolution",
+    ):
+        click.echo(f"{key + ':':<18}{data[key] if data[key] is not None else '-'}")
+    click.echo(f"{'error:':<18}{data['error_type']}: {data['error_message']}")
+    click.echo("payload:")
+    click.echo(json.dumps(data["payload"], indent=2, sort_keys=True))
+    click.echo("history:")
+    for item in data["history"]:
+        extra = f"  {json.dumps(item['detail'])}" if "detail" in item else ""
+        click.echo(
+            f"  {item['at']}  {item['what']:<28} {item['actor']:<20} {item['reason'] or ''}{extra}"
+        )
+    click.echo("traceback:")
+    click.echo(data["traceback"] or "-")
+
+
+@dlq.command("replay")
+@click.argument("letter_ids", nargs=-1, type=int)
+@click.option("--all", "replay_all", is_flag=True, help="Every open letter the filters select.")
+@filters
+@click.option("--dry-run", is_flag=True, help="Say what would happen; change and send nothing.")
+@click.option("--edit", is_flag=True, help="Edit the payload in $EDITOR first (one letter).")
+@click.option("--payload", "new_payload", help="Replay with this JSON payload (one letter).")
+@click.option("--actor", default=default_actor, show_default="$BACKSTOP_ACTOR or cli:$USER")
+@click.option("--reason", default="manual replay", show_default=True)
+@click.option("--yes", is_flag=True, help="With --all: do not ask.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+def dlq_replay(
+    letter_ids: tuple[int, ...],
+    replay_all: bool,
+    dry_run: bool,
+    edit: bool,
+    new_payload: str | None,
+    actor: str,
+    reason: str,
+    yes: bool,
+    as_json: bool,
+    **given: Any,
+) -> None:
+    """Replay dead letters by id, or --all that the filters select (NEW and MANUAL_REVIEW
+    unless --status says otherwise). Each replay first checks that there is still work to do:
+    a refund already COMPLETED, a hold already final, is recorded as unnecessary, not run."""
+    from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
+    from workers.base import utcnow
+    from workers.db import new_session
+    from workers.dlq.replay import ReplayError, replay
+    from workers.models import DeadLetter
+
+    if bool(letter_ids) == replay_all:
+        raise click.UsageError("give dead letter ids, or --all with filters")
+    if (edit or new_payload is not None) and len(letter_ids) != 1:
+        raise click.UsageError("--edit and --payload replay exactly one dead letter by id")
+    now = utcnow()
+    session = new_session()
+    try:
+        if replay_all:
+            if not given["statuses"]:
+                given["statuses"] = ("NEW", "MANUAL_REVIEW")
+            query = selection(now, **given).with_only_columns(DeadLetter.id)
+            letter_ids = tuple(session.scalars(query.order_by(DeadLetter.id)))
+            session.rollback()
+            if not letter_ids:
+                raise click.ClickException("no dead letters match")
+            if not (dry_run or yes):
+                if not sys.stdin.isatty():
+                    raise click.ClickException(
+                        f"refusing to replay {len(letter_ids)} dead letters without --yes"
+                    )
+                click.confirm(f"replay {len(letter_ids)} dead letters?", abort=True)
+        edited = None
+        if edit or new_payload is not None:
+            edited = edited_payload(session, letter_ids[0], new_payload)
+        outcomes = []
+        shown = not as_json and len(letter_ids) > CHUNK
+        for start in range(0, len(letter_ids), CHUNK):
+            chunk = list(letter_ids[start : start + CHUNK])
+            try:
+                outcomes += replay(session, chunk, actor=actor, reason=reason, now=now, edit=edited)
+            except ReplayError as exc:
+                raise click.ClickException(str(exc)) from None
+            if dry_run:
+                session.rollback()
+            else:
+                session.commit()
+            if shown:
+                click.echo(f"  {min(start + CHUNK, len(letter_ids))}/{len(letter_ids)}", err=True)
+    finally:
+        session.rollback()
+        session.close()
+    report(outcomes, dry_run, as_json)
+    if any(outcome.outcome in ("not_found",) for outcome in outcomes):
+        sys.exit(1)
+
+
+def edited_payload(session: Any, letter_id: int, given: str | None) -> dict[str, Any]:
+    from workers.dlq.replay import ReplayError, validate_for
+    from workers.models import DeadLetter
+
+    letter = session.get(DeadLetter, letter_id)
+    session.rollback()
+    if letter is None:
+        raise click.ClickException(f"dead letter {letter_id} does not exist")
+    if given is None:
+        text = click.edit(
+            json.dumps(letter.payload, indent=2, sort_keys=True) + "\n", extension=".json"
+        )
+        if text is None:
+            raise click.ClickException("the payload was not changed: nothing replayed")
+        given = text
+    try:
+        payload = json.loads(given)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"the edited payload is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise click.ClickException("the edited payload must be a JSON object")
+    try:
+        return validate_for(letter.task_name, payload)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "outcomes": [o.as_dict() for o in outcomes]}))
+        return
+    verbs = {"replayed": "would replay" if dry_run else "replayed"}
+    totals: dict[str, int] = {}
+    for outcome in outcomes:
+        totals[outcome.outcome] = totals.get(outcome.outcome, 0) + 1
+        if len(outcomes) <= 50:
+            what = verbs.get(outcome.outcome, outcome.outcome)
+            line = f"{outcome.dead_letter_id:>8}  {what:<13} {outcome.task_name}"
+            if outcome.detail:
+                line += f"  ({outcome.detail})"
+            if outcome.diff:
+                line += f"  changed: {json.dumps(outcome.diff)}"
+            click.echo(line)
+    summary = ", ".join(
+        f"{count} {verbs.get(name, name)}" for name, count in sorted(totals.items())
+    )
+    click.echo(("dry run: " if dry_run else "") + summary)
+
+
+@dlq.command("discard")
+@click.argument("letter_ids", nargs=-1, type=int, required=True)
+@click.option("--reason", required=True, help="Why: kept with the letter.")
+@click.option("--actor", default=default_actor, show_default="$BACKSTOP_ACTOR or cli:$USER")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+def dlq_discard(letter_ids: tuple[int, ...], reason: str, actor: str, as_json: bool) -> None:
+    """Close open dead letters for good, with a reason."""
+    from workers.base import utcnow
+    from workers.db import session_scope
+    from workers.dlq.replay import ReplayError, discard
+
+    try:
+        with session_scope() as session:
+            outcomes = discard(session, list(letter_ids), actor=actor, reason=reason, now=utcnow())
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+    report(outcomes, False, as_json)
+    if any(outcome.outcome == "not_found" for outcome in outcomes):
+        sys.exit(1)

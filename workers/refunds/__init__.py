@@ -1,0 +1,2 @@
+"""Refunds: submission at most once per refund, the hourly retry job, re-checks at the
+gateway."""

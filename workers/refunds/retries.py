@@ -1,0 +1,172 @@
+"""The hourly refund job (`refunds.retry_failed`): refunds whose submission never finished are
+submitted again, FAILED ones get a new attempt with a new key until REFUND_MAX_ATTEMPTS,
+PROCESSING ones are re-checked at their gateway, and what stays unresolved past
+REFUND_ESCALATE_AFTER_SECONDS goes to manual review with an alert."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from workers.db import claim, transition
+from workers.messaging.enqueue import enqueue_after_commit
+from workers.models import Refund
+from workers.observability.alerts import raise_alert
+from workers.refunds.submission import new_key
+
+log = logging.getLogger("backstop.refunds")
+
+
+# Two runs of the retry job within this gap never take the same refund on twice.
+RETRY_CLAIM_GAP = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    stuck_after: timedelta  # PROCESSING longer than this: re-check at the gateway
+    pending_after: timedelta  # PENDING longer than this: its submission never finished
+    escalate_after: timedelta  # unresolved longer than this: manual review and an alert
+    max_attempts: int  # attempts (keys) before a FAILED refund goes to manual review
+    batch_size: int = 1000
+    check_chunk: int = 200  # PROCESSING refunds re-checked by one `refunds.check_many` task
+
+
+@dataclass
+class RetryCounts:
+    checked: int = 0  # PROCESSING refunds sent to be re-checked at the gateway
+    resubmitted: int = 0  # PENDING refunds sent again with their key
+    reattempted: int = 0  # FAILED refunds given a new attempt with a new key
+    escalated: int = 0  # moved to manual review, with an alert
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def retry_stuck_refunds(
+    session: Session,
+    clock: Callable[[], datetime],
+    policy: RetryPolicy,
+    actor: str = "refunds.retry_stuck",
+) -> RetryCounts:
+    """One run of the retry job: escalate what waited too long, then take every due refund on
+    in batches claimed with SKIP LOCKED, and fan the gateway work out across the workers (sent
+    after each batch commits): re-checks as `refunds.check_many` tasks of `check_chunk`
+    refunds, submissions as one `refunds.submit` per refund. Two runs at once split the
+    refunds between them."""
+    counts = RetryCounts()
+    while True:
+        escalated = escalate_unresolved(session, clock(), policy)
+        session.commit()
+        counts.escalated += len(escalated)
+        if len(escalated) < policy.batch_size:
+            break
+    while True:
+        taken = take_due(session, clock(), policy, actor)
+        session.commit()
+        for status, ids in taken.items():
+            if status == "PROCESSING":
+                counts.checked += len(ids)
+            elif status == "PENDING":
+                counts.resubmitted += len(ids)
+            else:
+                counts.reattempted += len(ids)
+        if sum(map(len, taken.values())) < policy.batch_size:
+            return counts
+
+
+def escalate_unresolved(session: Session, now: datetime, policy: RetryPolicy) -> list[int]:
+    """Flag one batch of refunds for manual review: unresolved past `escalate_after`, or
+    FAILED with no attempts left. Each gets one alert; none is retried automatically again."""
+    open_refund = (Refund.status != "COMPLETED") & Refund.requires_manual_review.is_(False)
+    overdue = (Refund.created_at <= now - policy.escalate_after) | (
+        (Refund.status == "FAILED") & (Refund.attempts >= policy.max_attempts)
+    )
+    rows = session.execute(
+        claim(
+            select(Refund.id, Refund.status, Refund.created_at, Refund.last_error)
+            .where(open_refund, overdue)
+            .order_by(Refund.id),
+            policy.batch_size,
+        )
+    ).all()
+    if not rows:
+        return []
+    session.execute(
+        update(Refund)
+        .where(Refund.id.in_([row.id for row in rows]))
+        .values(requires_manual_review=True, updated_at=now)
+    )
+    for row in rows:
+        raise_alert(
+            session,
+            "refund_manual_review",
+            f"refund {row.id} is {row.status} since {row.created_at.isoformat()}: "
+            "it needs manual review and will not be retried automatically",
+            dedupe=f"refund-manual-review:{row.id}",
+            now=now,
+            refund_id=row.id,
+            status=row.status,
+            last_error=row.last_error or "",
+        )
+    return [row.id for row in rows]
+
+
+def take_due(
+    session: Session, now: datetime, policy: RetryPolicy, actor: str
+) -> dict[str, list[int]]:
+    """Claim one batch of due refunds, mark them taken, start new attempts for FAILED ones,
+    and send their tasks after commit. Returns the ids taken, by their status when taken."""
+    lease_over = Refund.in_flight_until.is_(None) | (Refund.in_flight_until <= now)
+    due = (
+        ((Refund.status == "PROCESSING") & (Refund.updated_at <= now - policy.stuck_after))
+        | (
+            (Refund.status == "PENDING")
+            & (Refund.updated_at <= now - policy.pending_after)
+            & lease_over
+        )
+        | ((Refund.status == "FAILED") & (Refund.attempts < policy.max_attempts))
+    )
+    not_recently = Refund.last_retry_at.is_(None) | (Refund.last_retry_at <= now - RETRY_CLAIM_GAP)
+    rows = session.execute(
+        claim(
+            select(Refund.id, Refund.status, Refund.gateway_refund_id)
+            .where(Refund.requires_manual_review.is_(False), due, not_recently)
+            .order_by(Refund.id),
+            policy.batch_size,
+        )
+    ).all()
+    taken: dict[str, list[int]] = {"PROCESSING": [], "PENDING": [], "FAILED": []}
+    if not rows:
+        return taken
+    session.execute(
+        update(Refund).where(Refund.id.in_([row.id for row in rows])).values(last_retry_at=now)
+    )
+    for row in rows:
+        taken[row.status].append(row.id)
+        if row.status == "FAILED":
+            transition(
+                session,
+                "refunds",
+                row.id,
+                "PENDING",
+                actor=actor,
+                now=now,
+                reason=f"new attempt after gateway refund {row.gateway_refund_id or '-'} failed",
+                values={
+                    "idempotency_key": new_key(row.id),
+                    "key_sent_at": None,
+                    "gateway_refund_id": None,
+                },
+            )
+    stuck = taken["PROCESSING"]
+    for start in range(0, len(stuck), policy.check_chunk):
+        chunk = stuck[start : start + policy.check_chunk]
+        enqueue_after_commit(session, "refunds.check_many", {"refund_ids": chunk})
+    for refund_id in taken["PENDING"] + taken["FAILED"]:
+        enqueue_after_commit(session, "refunds.submit", {"refund_id": refund_id})
+    return taken

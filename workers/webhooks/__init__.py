@@ -1,0 +1,1 @@
+"""Gateway webhooks: verified on the raw body, recorded once, applied forward only."""
