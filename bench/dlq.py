@@ -192,7 +192,7 @@ def run_ours(
     """Triage in this process, as the `dlq.triage` task runs it; a real worker (the Procfile's
     shape, consuming `default` only, so the replays it sends stay countable in `critical`)
     sends the replays from the `dlq.dispatch` tasks triage queued."""
-    from workers.db import new_session
+    from workers.db import Steps, new_session
     from workers.dlq.triage import triage
 
     load(engine, broker, n, now)
@@ -209,7 +209,7 @@ def run_ours(
     session = new_session()
     try:
         started = time.perf_counter()
-        counts = triage(session, now, policy())
+        counts = triage(Steps(session), now, policy())
         session.commit()
         seconds = time.perf_counter() - started
         deadline = time.monotonic() + 300

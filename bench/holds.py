@@ -165,14 +165,14 @@ def audit_rows(engine: Engine) -> int:
 
 def run_ours(engine: Engine) -> float:
     from workers.base import utcnow
-    from workers.db import new_session
+    from workers.db import Steps, new_session
     from workers.holds.expiry import sweep_expired_holds
 
     session = new_session()
     try:
         started = time.perf_counter()
         while remaining_due(engine):
-            sweep_expired_holds(session, utcnow, batch_size=BATCH, time_budget=3600)
+            sweep_expired_holds(Steps(session), utcnow, batch_size=BATCH, time_budget=3600)
         return time.perf_counter() - started
     finally:
         session.close()

@@ -26,7 +26,7 @@ def triage_policy() -> TriagePolicy:
 @task("dlq.triage")
 def run_triage(ctx: TaskContext) -> dict[str, Any]:
     return ctx.in_slot(
-        lambda: triage(ctx.session, ctx.now, triage_policy()).as_dict(),
+        lambda: triage(ctx.steps, ctx.now, triage_policy()).as_dict(),
     )
 
 

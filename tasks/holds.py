@@ -12,7 +12,6 @@ from config import get_settings
 from config.celery import max_countdown
 from workers.base import TaskContext, task, utcnow
 from workers.holds.expiry import expire_hold, notify_expired, sweep_expired_holds
-from workers.jobs import record_heartbeat
 from workers.models import BookingHold
 from workers.payloads import ExpireHold, HoldsExpired
 
@@ -63,21 +62,13 @@ def expire(ctx: TaskContext, payload: ExpireHold) -> str:
 def sweep(ctx: TaskContext) -> dict[str, int]:
     settings = get_settings()
     result = sweep_expired_holds(
-        ctx.session,
+        ctx.steps,
         utcnow,
         batch_size=settings.HOLD_SWEEP_BATCH,
         time_budget=max(settings.HOLD_SWEEP_SECONDS * 6, 30),
     )
     counts = {"expired": result.expired, "batches": result.batches}
-    record_heartbeat(
-        ctx.session,
-        "holds.sweep_expired",
-        started_at=ctx.now,
-        finished_at=utcnow(),
-        outcome="OK",
-        counts=counts,
-        task_id=ctx.task_id,
-    )
+    ctx.heartbeat(counts)
     if result.expired:
         log.info("holds.swept", extra=counts)
     return counts

@@ -8,7 +8,6 @@ from datetime import timedelta
 
 from config import get_settings
 from workers.base import TaskContext, task, utcnow
-from workers.jobs import record_heartbeat
 from workers.messaging.outbox import kick, pump_started
 from workers.notify.channels import get_channels
 from workers.notify.delivery import (
@@ -31,7 +30,7 @@ def send(ctx: TaskContext, payload: SendNotification) -> int:
 @task("notifications.deliver", payload=DeliverNotification, precheck=replay_delivery)
 def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
     outcome = deliver_notification(
-        ctx.session,
+        ctx.steps,
         payload.notification_id,
         utcnow,
         get_channels(),
@@ -46,7 +45,7 @@ def pump(ctx: TaskContext) -> dict[str, int]:
     """Every due notification, in batches; sent after each commit that writes notifications."""
     pump_started()
     result = deliver_due(
-        ctx.session,
+        ctx.steps,
         utcnow,
         get_channels(),
         policy_from(get_settings()),
@@ -62,19 +61,11 @@ def pump(ctx: TaskContext) -> dict[str, int]:
 def sweep(ctx: TaskContext) -> dict[str, int]:
     settings = get_settings()
     result = sweep_outbox(
-        ctx.session,
+        ctx.steps,
         utcnow,
         after=timedelta(seconds=settings.NOTIFY_OUTBOX_AFTER_SECONDS),
         time_budget=max(settings.NOTIFY_OUTBOX_SWEEP_SECONDS / 2, 5),
     )
     counts = {"enqueued": result.enqueued, "batches": result.batches}
-    record_heartbeat(
-        ctx.session,
-        "notifications.sweep_outbox",
-        started_at=ctx.now,
-        finished_at=utcnow(),
-        outcome="OK",
-        counts=counts,
-        task_id=ctx.task_id,
-    )
+    ctx.heartbeat(counts)
     return counts

@@ -36,4 +36,4 @@ def retention_policy() -> Retention:
 
 @task("ops.retention")
 def retention(ctx: TaskContext) -> dict[str, Any]:
-    return ctx.in_slot(lambda: prune(ctx.session, retention_policy(), ctx.now))
+    return ctx.in_slot(lambda: prune(ctx.steps, retention_policy(), ctx.now))

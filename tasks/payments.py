@@ -27,7 +27,7 @@ def check(ctx: TaskContext) -> dict[str, Any]:
     return ctx.in_slot(
         lambda: dict(
             check_in_flight(
-                ctx.session,
+                ctx.steps,
                 ctx.clock,
                 get_gateway,
                 janitor_policy(),

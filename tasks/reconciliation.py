@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from workers.base import TaskContext, task, utcnow
+from workers.db import steps_on_one_connection
 from workers.errors import Defer
 from workers.gateways.registry import get_gateway
 from workers.models import ReconciliationRun
@@ -62,13 +63,15 @@ def run_not_completed(session: Session, payload: dict[str, Any], actor: str) -> 
 
 @task("reconciliation.run", payload=RunReconciliation, precheck=run_not_completed)
 def run(ctx: TaskContext, payload: RunReconciliation) -> dict[str, Any]:
-    result = reconcile_run(
-        ctx.session,
-        payload.run_id,
-        utcnow,
-        get_gateway,
-        run_options(new_owner(f"task:{ctx.task_id}")),
-    )
+    # A step per batch, on one connection for the whole run.
+    with steps_on_one_connection(ctx.session) as steps:
+        result = reconcile_run(
+            steps,
+            payload.run_id,
+            utcnow,
+            get_gateway,
+            run_options(new_owner(f"task:{ctx.task_id}")),
+        )
     if result.outcome == "busy" and result.held_until is not None:
         # Held by another worker, perhaps one that died (its message is this one, delivered
         # again): look again when the lease runs out, not at the next night's run.

@@ -85,13 +85,13 @@ def refunds_still_processing(
 
 @task("refunds.submit", payload=SubmitRefund, batch_precheck=refund_still_to_send)
 def submit(ctx: TaskContext, payload: SubmitRefund) -> str:
-    return submit_refund(ctx.session, payload.refund_id, utcnow, get_gateway, lease=lease())
+    return submit_refund(ctx.steps, payload.refund_id, utcnow, get_gateway, lease=lease())
 
 
 @task("refunds.check", payload=CheckRefund, batch_precheck=refund_still_processing)
 def check(ctx: TaskContext, payload: CheckRefund) -> str:
     """One PROCESSING refund re-checked at its gateway (a replay from the dead-letter queue)."""
-    checked = check_refunds(ctx.session, [payload.refund_id], utcnow, get_gateway)
+    checked = check_refunds(ctx.steps, [payload.refund_id], utcnow, get_gateway)
     return checked.outcome(payload.refund_id)
 
 
@@ -102,22 +102,22 @@ def check_many(ctx: TaskContext, payload: CheckRefunds) -> dict[str, int]:
     sent again once it may close; what cannot be asked about is dead-lettered refund by refund."""
     settings = get_settings()
     checked = check_refunds(
-        ctx.session,
+        ctx.steps,
         payload.refund_ids,
         utcnow,
         get_gateway,
         concurrency=settings.GATEWAY_CONCURRENCY,
         actor="refunds.check_many",
     )
-    finish_checks(
-        ctx.session,
-        checked,
-        task_id=ctx.task_id,
-        now=utcnow(),
-        max_countdown=max_countdown(settings),
-    )
+    with ctx.step("answers") as session:  # they stay: only what got none is retried
+        finish_checks(
+            session,
+            checked,
+            task_id=ctx.task_id,
+            now=utcnow(),
+            max_countdown=max_countdown(settings),
+        )
     if checked.retry:
-        ctx.session.commit()  # the answers received stay; only the rest is retried
         first = next(iter(checked.retry.values()))
         raise RetryRemaining(
             f"{len(checked.retry)} of {len(payload.refund_ids)} refunds got no answer "
@@ -141,5 +141,5 @@ def retry_policy() -> RetryPolicy:
 @task("refunds.retry_stuck")
 def retry_stuck(ctx: TaskContext) -> dict[str, Any]:
     return ctx.in_slot(
-        lambda: retry_stuck_refunds(ctx.session, ctx.clock, retry_policy()).as_dict(),
+        lambda: retry_stuck_refunds(ctx.steps, ctx.clock, retry_policy()).as_dict(),
     )

@@ -8,6 +8,7 @@ exhausted retries are written to `dead_letters`, and the worker goes on either w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -28,7 +29,7 @@ from config import get_settings
 from config.schedule import current_slot
 from config.settings import Settings
 from workers import dead_letters
-from workers.db import session_scope
+from workers.db import Steps, session_scope
 from workers.errors import (
     Defer,
     DeferredTooLong,
@@ -39,7 +40,7 @@ from workers.errors import (
     one_line,
     retryable,
 )
-from workers.jobs import run_in_slot
+from workers.jobs import record_heartbeat, run_in_slot
 from workers.messaging.broker import broker_redis
 from workers.messaging.enqueue import enqueue_after_commit, send
 from workers.payloads import Payload, validate
@@ -64,9 +65,31 @@ class TaskContext:
     retries: int
     clock: Callable[[], datetime] = utcnow
 
+    @property
+    def steps(self) -> Steps:
+        """This run's transaction, lent to a service that commits between its steps."""
+        return Steps(self.session)
+
+    def step(self, name: str) -> contextlib.AbstractContextManager[Session]:
+        """`with ctx.step("name"):` runs one step of this task and commits it at the end."""
+        return self.steps.step(name)
+
     def enqueue(self, task_name: str, kwargs: dict[str, Any], **options: Any) -> None:
         """Send another task once this run's transaction commits."""
         enqueue_after_commit(self.session, task_name, kwargs, **options)
+
+    def heartbeat(self, counts: dict[str, int]) -> None:
+        """Record this run of a job that runs every few seconds (the job is the task's name)
+        on its hour's heartbeat row, which the schedule checks read."""
+        record_heartbeat(
+            self.session,
+            self.task_name,
+            started_at=self.now,
+            finished_at=self.clock(),
+            outcome="OK",
+            counts=counts,
+            task_id=self.task_id,
+        )
 
     def in_slot(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run this scheduled task's `work` once for the schedule slot `now` falls in (the job

@@ -13,7 +13,7 @@ from tests.conftest import wait_until
 from tests.processes import Proc
 from tests.workers.factories import add_refund
 from workers.celery_app import app
-from workers.db import session_scope
+from workers.db import Steps, session_scope
 from workers.models import Refund
 
 pytestmark = pytest.mark.e2e
@@ -88,7 +88,7 @@ def test_a_chunk_of_rechecks_retries_only_the_refunds_that_got_no_answer(
         refund_id = add_refund(sim, name)
         with session_scope() as session:
             outcome = submit_refund(
-                session, refund_id, utcnow, gateways.__getitem__, lease=timedelta(seconds=30)
+                Steps(session), refund_id, utcnow, gateways.__getitem__, lease=timedelta(seconds=30)
             )
         assert outcome == "PROCESSING"
         with session_scope() as session:

@@ -14,7 +14,7 @@ import redis as redis_lib
 from sqlalchemy import Engine, func, select
 
 from tests.workers.factories import add_hold
-from workers.db import new_session, session_scope
+from workers.db import Steps, new_session, session_scope
 from workers.dead_letters import HEADER, record_dead_letter
 from workers.dlq.replay import ReplayError, discard, replay
 from workers.dlq.rules import RULES, Rule
@@ -90,7 +90,7 @@ def dispatched(redis: redis_lib.Redis) -> list[tuple[str, dict[str, Any], Any]]:
 
 def run_triage(now: datetime = T0 + timedelta(minutes=15), policy: TriagePolicy = POLICY) -> Any:
     with session_scope() as session:
-        return triage(session, now, policy)
+        return triage(Steps(session), now, policy)
 
 
 def test_triage_sorts_each_letter_by_the_first_rule_that_matches(
@@ -204,7 +204,7 @@ def test_two_triage_runs_at_once_replay_each_letter_at_most_once(
         session = new_session()
         try:
             barrier.wait()
-            results.append(triage(session, T0 + timedelta(minutes=15), policy))
+            results.append(triage(Steps(session), T0 + timedelta(minutes=15), policy))
             session.commit()
         except BaseException as exc:
             errors.append(exc)
@@ -366,7 +366,7 @@ def test_triage_runs_on_the_embedded_sqlite_default_too(any_db: Any) -> None:
             (RuntimeError("bug"), "UNKNOWN"),
         )
     ]
-    counts = triage(session, T0 + timedelta(minutes=1), POLICY)
+    counts = triage(Steps(session), T0 + timedelta(minutes=1), POLICY)
     assert (counts.unnecessary, counts.discarded, counts.manual_review) == (1, 1, 1)
     rows = {
         letter.id: (letter.status, letter.resolution)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import utc
 from tests.workers.factories import add_hold, add_holds
-from workers.db import session_scope
+from workers.db import Steps, session_scope
 from workers.errors import NotFound
 from workers.holds.expiry import expire_hold, notify_expired, sweep_expired_holds
 from workers.models import BookingHold, Notification, StateTransition
@@ -90,7 +90,7 @@ def test_sweep_expires_exactly_the_due_active_holds_in_batches(any_db: Session) 
     due = add_holds(any_db, [NOW - timedelta(seconds=s) for s in range(25)])
     later = add_holds(any_db, [NOW + timedelta(seconds=1)] * 3)
     confirmed = add_hold(any_db, NOW - timedelta(hours=1), status="CONFIRMED")
-    result = sweep_expired_holds(any_db, lambda: NOW, batch_size=10, time_budget=60)
+    result = sweep_expired_holds(Steps(any_db), lambda: NOW, batch_size=10, time_budget=60)
     assert (result.expired, result.batches) == (25, 3)
     statuses = dict(any_db.execute(select(BookingHold.id, BookingHold.status)).all())
     assert {statuses[h] for h in due} == {"EXPIRED"}
@@ -108,7 +108,7 @@ def test_sweep_expires_exactly_the_due_active_holds_in_batches(any_db: Session) 
 
 def test_sweep_stops_at_its_time_budget(any_db: Session) -> None:
     add_holds(any_db, [NOW - timedelta(seconds=s) for s in range(30)])
-    result = sweep_expired_holds(any_db, lambda: NOW, batch_size=10, time_budget=0)
+    result = sweep_expired_holds(Steps(any_db), lambda: NOW, batch_size=10, time_budget=0)
     assert (result.expired, result.batches) == (10, 1)
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from tests.workers.factories import add_holds
-from workers.db import new_session
+from workers.db import Steps, new_session
 from workers.holds.expiry import expire_hold, sweep_expired_holds
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_confirmations_sweeps_and_redeliveries_never_both_confirm_and_expire(
         session = new_session()
         try:
             while not stop.is_set():
-                sweep_expired_holds(session, clock, batch_size=200, time_budget=1.0)
+                sweep_expired_holds(Steps(session), clock, batch_size=200, time_budget=1.0)
                 time.sleep(SWEEP_INTERVAL)
         finally:
             session.close()

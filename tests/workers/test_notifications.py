@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
 from config.settings import load_settings
-from workers.db import new_session, session_scope
+from workers.db import Steps, new_session, session_scope
 from workers.models import (
     DeadLetter,
     Notification,
@@ -99,7 +99,7 @@ def deliver(
 ) -> Outcome:
     with session_scope() as session:
         return deliver_notification(
-            session, notification_id, clock, channels, kw.pop("policy", POLICY), **kw
+            Steps(session), notification_id, clock, channels, kw.pop("policy", POLICY), **kw
         )
 
 
@@ -501,7 +501,7 @@ def test_a_batch_slower_than_its_lease_gives_back_what_it_could_not_send(
     started = time.monotonic()
     try:
         with session_scope() as session:
-            deliver_due(session, Clock(), channels, policy, batch_size=20, time_budget=0)
+            deliver_due(Steps(session), Clock(), channels, policy, batch_size=20, time_budget=0)
     finally:
         channels.close()
     took = time.monotonic() - started
@@ -570,7 +570,7 @@ def test_the_outbox_sweep_re_sends_only_lost_deliveries(committed: Engine, redis
             )
     redis.flushdb()  # the broker lost every message
     with new_session() as session:
-        result = sweep_outbox(session, lambda: now, after=timedelta(minutes=5))
+        result = sweep_outbox(Steps(session), lambda: now, after=timedelta(minutes=5))
     assert result.enqueued == 2
     assert queued(redis) == [
         ("notifications.deliver", {"notification_id": lost}),
@@ -578,7 +578,7 @@ def test_the_outbox_sweep_re_sends_only_lost_deliveries(committed: Engine, redis
     ]
     assert row(lost).enqueued_at == now and row(recent).enqueued_at == now - timedelta(seconds=30)
     with new_session() as session:  # at once again: those were just sent
-        assert sweep_outbox(session, lambda: now, after=timedelta(minutes=5)).enqueued == 0
+        assert sweep_outbox(Steps(session), lambda: now, after=timedelta(minutes=5)).enqueued == 0
 
 
 @pytest.mark.slow
@@ -607,7 +607,7 @@ def test_two_sweeps_at_once_send_each_delivery_once(committed: Engine, redis: An
         with new_session() as session:
             counts.append(
                 sweep_outbox(
-                    session, lambda: now, after=timedelta(minutes=5), batch_size=50
+                    Steps(session), lambda: now, after=timedelta(minutes=5), batch_size=50
                 ).enqueued
             )
 
@@ -673,7 +673,7 @@ def test_an_alert_is_delivered_to_the_ops_address(
         )
     assert queued(redis) == [("notifications.deliver_due", {})]
     with new_session() as session:
-        assert deliver_due(session, Clock(), channels, POLICY).sent == 1
+        assert deliver_due(Steps(session), Clock(), channels, POLICY).sent == 1
     [mail] = smtp.messages
     assert mail["To"] == "oncall@example.com"
     assert mail["Subject"] == "[backstop alert] refund_manual_review"
@@ -700,7 +700,7 @@ def test_a_failed_delivery_send_never_rolls_back_the_alerting_transaction(
     monkeypatch.undo()
     with new_session() as session:
         later = T0 + timedelta(minutes=10)
-        assert sweep_outbox(session, lambda: later, after=timedelta(minutes=5)).enqueued == 1
+        assert sweep_outbox(Steps(session), lambda: later, after=timedelta(minutes=5)).enqueued == 1
 
 
 def test_expired_holds_waitlist_notifications_are_sent_for_delivery(
@@ -745,7 +745,12 @@ def test_the_pump_delivers_every_due_notification_in_batches(
     helpers: list[int] = []
     with new_session() as session:
         result = deliver_due(
-            session, Clock(), channels, POLICY, batch_size=10, helper=lambda: helpers.append(1)
+            Steps(session),
+            Clock(),
+            channels,
+            POLICY,
+            batch_size=10,
+            helper=lambda: helpers.append(1),
         )
     assert helpers == [1]  # the first batch came back full: one more pump asked for, once
     assert (result.sent, result.retry, result.dead, result.batches, result.more) == (
@@ -781,7 +786,9 @@ def test_pumps_at_once_never_send_one_notification_twice(
         channels = make_channels(smtp, sandbox_server)
         try:
             with new_session() as session:
-                totals.append(deliver_due(session, Clock(), channels, POLICY, batch_size=7).sent)
+                totals.append(
+                    deliver_due(Steps(session), Clock(), channels, POLICY, batch_size=7).sent
+                )
         finally:
             channels.close()
 
@@ -836,7 +843,7 @@ def test_odd_rows_written_by_plain_sql_end_dead_without_stopping_the_pump(
     garbage = plain_insert(channel="email", recipient="\u00e4\n@", template="message", data=MESSAGE)
     fine = send("email", "c@example.com")
     with new_session() as session:
-        result = deliver_due(session, Clock(), channels, POLICY)
+        result = deliver_due(Steps(session), Clock(), channels, POLICY)
     assert (result.sent, result.dead) == (2, 2)
     assert row(not_an_object).status == row(garbage).status == "DEAD"
     assert row(injected).status == row(fine).status == "SENT"

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, func, insert, select
 from tests.conftest import service_env, wait_until
 from tests.processes import Proc
 from tests.workers.factories import CAPTURED, CURRENCY
-from workers.db import new_session, session_scope
+from workers.db import Steps, new_session, session_scope
 from workers.errors import PermanentError
 from workers.gateways.base import GatewayTransient, RefundRequest
 from workers.gateways.razorpay import RazorpayGateway
@@ -151,7 +151,7 @@ def reconcile(
     session = new_session()
     try:
         return reconcile_run(
-            session, run_id, clock or Clock(), gateway_for, run_options or options()
+            Steps(session), run_id, clock or Clock(), gateway_for, run_options or options()
         )
     finally:
         session.close()
@@ -427,13 +427,15 @@ def test_a_worker_whose_lease_ran_out_cannot_commit(committed: Engine) -> None:
     run_id = new_run("razorpay")
     now = Clock()()
     with session_scope() as session:
-        first = claim_run(session, run_id, owner="a", now=now, lease=LEASE, actor="test")
+        first = claim_run(Steps(session), run_id, owner="a", now=now, lease=LEASE, actor="test")
         assert isinstance(first, ReconciliationRun)
         # Within the lease nobody else gets it; after it, the next one does.
-        busy = claim_run(session, run_id, owner="b", now=now + LEASE / 2, lease=LEASE, actor="t")
+        busy = claim_run(
+            Steps(session), run_id, owner="b", now=now + LEASE / 2, lease=LEASE, actor="t"
+        )
         assert isinstance(busy, RunResult) and busy.holder == "a"
         later = now + LEASE + timedelta(seconds=1)
-        second = claim_run(session, run_id, owner="b", now=later, lease=LEASE, actor="test")
+        second = claim_run(Steps(session), run_id, owner="b", now=later, lease=LEASE, actor="test")
         assert isinstance(second, ReconciliationRun)
         state = RunState.of(second)
         with pytest.raises(LeaseLost):
@@ -605,7 +607,7 @@ def test_the_embedded_sqlite_database_reconciles_too(
         with Session(sqlite_engine) as session:
             run_id = open_run(session, "razorpay", START, END, now=Clock()(), actor="test")
             session.commit()
-            result = reconcile_run(session, run_id, Clock(), gateways.__getitem__, options())
+            result = reconcile_run(Steps(session), run_id, Clock(), gateways.__getitem__, options())
         assert result.outcome == "completed"
         with Session(sqlite_engine) as session:
             rows = session.execute(

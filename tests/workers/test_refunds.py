@@ -14,7 +14,7 @@ import redis as redis_lib
 from sqlalchemy import Engine, select, update
 
 from tests.workers import factories
-from workers.db import new_session, session_scope
+from workers.db import Steps, new_session, session_scope
 from workers.errors import NotFound
 from workers.gateways.base import GatewayPermanent, GatewayTransient, OutcomeUnknown
 from workers.models import Notification, Refund, StateTransition
@@ -60,14 +60,16 @@ def submit(
     """What the task does: one session, committed at the end by the base task."""
     with session_scope() as session:
         return submit_refund(
-            session, refund_id, clock or Clock(), gateways.__getitem__, lease=LEASE
+            Steps(session), refund_id, clock or Clock(), gateways.__getitem__, lease=LEASE
         )
 
 
 def check(refund_id: int, gateways: dict[str, Any]) -> str:
     """What `refunds.check` does: one refund re-checked, its failure raised as the task's."""
     with session_scope() as session:
-        return check_refunds(session, [refund_id], Clock(), gateways.__getitem__).outcome(refund_id)
+        return check_refunds(Steps(session), [refund_id], Clock(), gateways.__getitem__).outcome(
+            refund_id
+        )
 
 
 def made_once(sim: Any) -> bool:
@@ -203,7 +205,7 @@ def test_an_unconfigured_gateway_changes_nothing(committed: Engine, sim: Any) ->
         raise GatewayPermanent(f"{name} is not configured: set STRIPE_API_KEY")
 
     with pytest.raises(GatewayPermanent, match="set STRIPE_API_KEY"), session_scope() as session:
-        submit_refund(session, refund_id, Clock(), unconfigured, lease=LEASE)
+        submit_refund(Steps(session), refund_id, Clock(), unconfigured, lease=LEASE)
     row = refund(refund_id)
     assert (row.status, row.idempotency_key, row.attempts, row.in_flight_until) == (
         "PENDING",
@@ -286,7 +288,7 @@ def test_retry_job_takes_each_kind_of_due_refund(
     set_row(done, status="COMPLETED", updated_at=T0)
 
     with session_scope() as session:
-        counts = retry_stuck_refunds(session, Clock(now), POLICY)
+        counts = retry_stuck_refunds(Steps(session), Clock(now), POLICY)
     assert counts.as_dict() == {"checked": 1, "resubmitted": 1, "reattempted": 1, "escalated": 1}
     assert sorted((name, next(iter(kwargs.values()))) for name, kwargs in queued(redis)) == sorted(
         [
@@ -302,7 +304,7 @@ def test_retry_job_takes_each_kind_of_due_refund(
     assert refund(out_of_attempts).requires_manual_review is True
     # A second run soon after takes nothing again.
     with session_scope() as session:
-        counts = retry_stuck_refunds(session, Clock(now + timedelta(minutes=1)), POLICY)
+        counts = retry_stuck_refunds(Steps(session), Clock(now + timedelta(minutes=1)), POLICY)
     assert counts.as_dict() == {"checked": 0, "resubmitted": 0, "reattempted": 0, "escalated": 0}
 
 
@@ -324,7 +326,7 @@ def test_two_retry_jobs_at_the_same_moment_take_each_refund_once(
             barrier.wait()
             results.append(
                 retry_stuck_refunds(
-                    session, Clock(now), RetryPolicy(**{**POLICY.__dict__, "batch_size": 10})
+                    Steps(session), Clock(now), RetryPolicy(**{**POLICY.__dict__, "batch_size": 10})
                 ).as_dict()
             )
             session.commit()
@@ -352,7 +354,7 @@ def test_unresolved_refunds_escalate_once_with_an_alert(
     set_row(old, status="PROCESSING", updated_at=T0 - timedelta(days=2))
     for minutes in (0, 40):
         with session_scope() as session:
-            retry_stuck_refunds(session, Clock(T0 + timedelta(minutes=minutes)), POLICY)
+            retry_stuck_refunds(Steps(session), Clock(T0 + timedelta(minutes=minutes)), POLICY)
     assert refund(old).requires_manual_review is True
     with session_scope() as session:
         alerts = session.scalars(
@@ -428,7 +430,7 @@ def settle(sim: Any, refund_id: int, status: str) -> None:
 def check_chunk(ids: list[int], gateways: dict[str, Any], concurrency: int = 4) -> Any:
     with session_scope() as session:
         return check_refunds(
-            session,
+            Steps(session),
             ids,
             Clock(T0 + timedelta(hours=2)),
             gateways.__getitem__,
@@ -521,7 +523,7 @@ def test_a_chunk_keeps_its_answers_and_reports_what_it_could_not_learn(
 
     with session_scope() as session:
         checked = check_refunds(
-            session,
+            Steps(session),
             [answered, unknown_at_gateway, busy],
             Clock(),
             gateways.__getitem__,
@@ -566,7 +568,9 @@ def test_an_open_breaker_holds_back_its_gateways_refunds_and_sends_them_later(
     breaker.open()
     before = requests_seen(sim)
     with session_scope() as session:
-        checked = check_refunds(session, [rzp, *stp], Clock(), guarded.__getitem__, concurrency=4)
+        checked = check_refunds(
+            Steps(session), [rzp, *stp], Clock(), guarded.__getitem__, concurrency=4
+        )
         finish_checks(session, checked, task_id=None, now=T0, max_countdown=900)
     assert checked.statuses == {rzp: "COMPLETED"}
     assert sorted(checked.deferred) == stp and all(50 < s <= 60 for s in checked.deferred.values())
@@ -686,7 +690,7 @@ def test_one_unreadable_answer_in_a_chunk_keeps_the_others(
 
     sim.reshape("razorpay.refund.fetch", drop_status_of_one)
     with session_scope() as session:
-        checked = check_refunds(session, ids, Clock(), gateways.__getitem__, concurrency=3)
+        checked = check_refunds(Steps(session), ids, Clock(), gateways.__getitem__, concurrency=3)
     assert {i: checked.statuses.get(i) for i in (ids[0], ids[2])} == {
         ids[0]: "COMPLETED",
         ids[2]: "COMPLETED",

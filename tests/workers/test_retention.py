@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, func, insert, select
 
-from workers.db import new_session, session_scope
+from workers.db import Steps, new_session, session_scope
 from workers.models import DeadLetter, DeadLetterEvent, JobRun, StateTransition, WebhookEvent
 from workers.ops.retention import Retention, prune
 
@@ -89,7 +89,7 @@ def test_old_rows_go_in_batches_and_what_is_still_needed_stays(committed: Engine
         )
     session = new_session()
     try:
-        deleted = prune(session, POLICY, NOW)
+        deleted = prune(Steps(session), POLICY, NOW)
     finally:
         session.close()
     assert deleted == {
@@ -107,6 +107,6 @@ def test_old_rows_go_in_batches_and_what_is_still_needed_stays(committed: Engine
     assert count(StateTransition) == 1
     again = new_session()
     try:
-        assert set(prune(again, POLICY, NOW).values()) == {0}
+        assert set(prune(Steps(again), POLICY, NOW).values()) == {0}
     finally:
         again.close()

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from config import get_settings
 from workers.base import utcnow
-from workers.db import new_session, session_scope
+from workers.db import new_session, session_scope, steps_on_one_connection
 from workers.errors import BackstopError, one_line
 from workers.gateways.base import GatewayPermanent
 from workers.gateways.registry import get_gateway
@@ -108,9 +108,10 @@ def run_days(gateways: tuple[str, ...], first_text: str, last_text: str, as_json
             outcome, error = "failed", None
             session = new_session()
             try:
-                result = reconcile_run(
-                    session, run_id, utcnow, get_gateway, options, progress=progress
-                )
+                with steps_on_one_connection(session) as steps:
+                    result = reconcile_run(
+                        steps, run_id, utcnow, get_gateway, options, progress=progress
+                    )
                 outcome = result.outcome
                 if result.holder:
                     error = f"held by {result.holder}"

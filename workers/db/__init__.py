@@ -9,6 +9,7 @@ from workers.db.engine import (
     session_scope,
 )
 from workers.db.locks import claim, is_postgres
+from workers.db.steps import Steps, steps_on_one_connection
 from workers.db.transitions import (
     MACHINES,
     InvalidTransition,
@@ -20,6 +21,7 @@ from workers.db.transitions import (
 __all__ = [
     "MACHINES",
     "InvalidTransition",
+    "Steps",
     "Transition",
     "claim",
     "dispose_engine",
@@ -29,6 +31,7 @@ __all__ = [
     "new_session",
     "on_commit",
     "session_scope",
+    "steps_on_one_connection",
     "transition",
     "transition_batch",
 ]

@@ -17,7 +17,7 @@ from sqlalchemy import Text, column, select, update, values
 from sqlalchemy.orm import Session
 
 from workers.application import app
-from workers.db import claim, is_postgres, transition_batch
+from workers.db import Steps, claim, is_postgres, transition_batch
 from workers.dead_letters import (
     HEADER,
 )
@@ -55,7 +55,7 @@ class TriageCounts:
 
 
 def triage(
-    session: Session,
+    steps: Steps,
     now: datetime,
     policy: TriagePolicy,
     actor: str = "dlq.triage",
@@ -65,12 +65,12 @@ def triage(
     with SKIP LOCKED and committed (two runs at once split the letters, none is replayed twice).
     Replays are sent after their batch commits."""
     counts = TriageCounts()
-    counts.reclassified = reclassify(session, policy.rules, now)
-    counts.stale = give_up_stale(session, now, policy, actor)
-    session.commit()
+    with steps.step("reclassify") as session:
+        counts.reclassified = reclassify(session, policy.rules, now)
+        counts.stale = give_up_stale(session, now, policy, actor)
     while True:
-        taken = triage_batch(session, now, policy, actor, counts)
-        session.commit()
+        with steps.step("batch") as session:
+            taken = triage_batch(session, now, policy, actor, counts)
         if taken < policy.batch_size:
             return counts
 

@@ -17,7 +17,7 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from workers.db import InvalidTransition, claim, transition
+from workers.db import InvalidTransition, Steps, claim, transition
 from workers.db.transitions import NOW, BatchTransition
 from workers.db.upsert import insert_ignore
 from workers.errors import NotFound
@@ -77,7 +77,7 @@ class SweepResult:
 
 
 def sweep_expired_holds(
-    session: Session,
+    steps: Steps,
     clock: Callable[[], datetime],
     *,
     batch_size: int,
@@ -94,10 +94,10 @@ def sweep_expired_holds(
     expire_due = _expire_due_holds(batch_size, actor)
     deadline = time.monotonic() + time_budget
     while True:
-        ids = expire_due(session, clock())
-        if ids:
-            enqueue_after_commit(session, "holds.expired", {"hold_ids": ids})
-        session.commit()
+        with steps.step("batch") as session:
+            ids = expire_due(session, clock())
+            if ids:
+                enqueue_after_commit(session, "holds.expired", {"hold_ids": ids})
         result.expired += len(ids)
         result.batches += 1
         if len(ids) < batch_size or time.monotonic() >= deadline:

@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from config.celery import max_countdown
-from workers.db import claim, is_postgres, transition, transition_batch
+from workers.db import Steps, claim, is_postgres, transition, transition_batch
 from workers.db.upsert import insert_ignore
 from workers.dead_letters import record_dead_letter
 from workers.errors import Classification, NotFound, PermanentError, classify, one_line
@@ -184,7 +184,7 @@ class Sent:
 
 
 def deliver_notification(
-    session: Session,
+    steps: Steps,
     notification_id: int,
     clock: Clock,
     channels: Channels,
@@ -197,17 +197,15 @@ def deliver_notification(
     """`notifications.deliver`: one notification (a retry, a replay, the sweep's re-send):
     claim, send, record, committing between the steps."""
     now = clock()
-    claimed = claim_deliveries(session, now, policy, ids=[notification_id])
-    if not claimed:
-        outcome = _not_claimed(session, notification_id, now)
-        session.commit()
-        return outcome
-    session.commit()
+    with steps.step("claim") as session:
+        claimed = claim_deliveries(session, now, policy, ids=[notification_id])
+        if not claimed:
+            return _not_claimed(session, notification_id, now)
     results = [(one, send_messages(one, channels)) for one in claimed]
-    [outcome] = record_deliveries(
-        session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
-    )
-    session.commit()
+    with steps.step("record") as session:
+        [outcome] = record_deliveries(
+            session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
+        )
     return outcome
 
 
@@ -224,7 +222,7 @@ class DueResult:
 
 
 def deliver_due(
-    session: Session,
+    steps: Steps,
     clock: Clock,
     channels: Channels,
     policy: Policy,
@@ -246,8 +244,8 @@ def deliver_due(
     result = DueResult()
     deadline = time.monotonic() + time_budget
     while True:
-        claimed = claim_deliveries(session, clock(), policy, limit=batch_size)
-        session.commit()
+        with steps.step("claim") as session:
+            claimed = claim_deliveries(session, clock(), policy, limit=batch_size)
         if helper is not None and result.batches == 0 and len(claimed) == batch_size:
             helper()
         if claimed:
@@ -266,11 +264,11 @@ def deliver_due(
                     unsent.append(one.notification_id)
                 else:  # the lease always covers the first
                     results.append((one, send_messages(one, channels)))
-            outcomes = record_deliveries(
-                session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
-            )
-            release(session, unsent, clock())
-            session.commit()
+            with steps.step("record") as session:
+                outcomes = record_deliveries(
+                    session, results, clock(), policy, actor=actor, task_id=task_id, rng=rng
+                )
+                release(session, unsent, clock())
             for outcome in outcomes:
                 setattr(result, outcome.result, getattr(result, outcome.result) + 1)
         result.batches += 1
@@ -643,7 +641,7 @@ class SweepResult:
 
 
 def sweep_outbox(
-    session: Session,
+    steps: Steps,
     clock: Clock,
     *,
     after: timedelta,
@@ -675,16 +673,16 @@ def sweep_outbox(
             .order_by(Notification.next_attempt_at),
             batch_size,
         )
-        ids = list(session.execute(due).scalars())
-        if ids:
-            session.execute(
-                update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
-            )
-            for notification_id in ids:
-                enqueue_after_commit(
-                    session, "notifications.deliver", {"notification_id": notification_id}
+        with steps.step("batch") as session:
+            ids = list(session.execute(due).scalars())
+            if ids:
+                session.execute(
+                    update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
                 )
-        session.commit()
+                for notification_id in ids:
+                    enqueue_after_commit(
+                        session, "notifications.deliver", {"notification_id": notification_id}
+                    )
         result.enqueued += len(ids)
         result.batches += 1
         if len(ids) < batch_size or time.monotonic() >= deadline:

@@ -16,9 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, select
-from sqlalchemy.orm import Session
 
-from workers.db import claim
+from workers.db import Steps, claim
 from workers.models import DeadLetter, JobRun, StateTransition, WebhookEvent
 
 
@@ -50,7 +49,7 @@ def targets(policy: Retention, now: datetime) -> dict[str, tuple[Any, ColumnElem
 
 
 def prune(
-    session: Session,
+    steps: Steps,
     policy: Retention,
     now: datetime,
     progress: Callable[[str, int], None] | None = None,
@@ -61,14 +60,14 @@ def prune(
         deleted[name] = 0
         while True:
             batch = claim(select(model.id).where(old).order_by(model.id), policy.batch_size)
-            ids = list(session.scalars(batch))
-            if ids:
-                session.execute(
-                    delete(model)
-                    .where(model.id.in_(ids))
-                    .execution_options(synchronize_session=False)
-                )
-            session.commit()
+            with steps.step(f"prune {name}") as session:
+                ids = list(session.scalars(batch))
+                if ids:
+                    session.execute(
+                        delete(model)
+                        .where(model.id.in_(ids))
+                        .execution_options(synchronize_session=False)
+                    )
             deleted[name] += len(ids)
             if progress is not None and ids:
                 progress(name, deleted[name])

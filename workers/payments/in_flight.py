@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from workers.db import claim, transition_batch
+from workers.db import Steps, claim, transition_batch
 from workers.db.transitions import MACHINES
 from workers.gateways.base import (
     Gateway,
@@ -57,7 +57,7 @@ class JanitorPolicy:
 
 
 def check_in_flight(
-    session: Session,
+    steps: Steps,
     clock: Callable[[], datetime],
     gateway_for: GatewayFor,
     policy: JanitorPolicy,
@@ -71,8 +71,8 @@ def check_in_flight(
     deadline = clock_time.monotonic() + time_budget
     usable = usable_gateways(gateway_for)
     while usable:
-        rows = take_due(session, clock(), policy, list(usable))
-        session.commit()  # the checks are booked; nothing stays open during the calls
+        with steps.step("book checks") as session:  # nothing stays open during the calls
+            rows = take_due(session, clock(), policy, list(usable))
         if not rows:
             break
         counts["checked"] += len(rows)
@@ -80,8 +80,8 @@ def check_in_flight(
         for name in sorted({row.gateway for row in rows}):
             ids = [row.gateway_payment_id for row in rows if row.gateway == name]
             answers.update(fetch_payments(usable[name], ids, policy.concurrency))
-        settle(session, rows, answers, clock(), policy, actor, counts)
-        session.commit()
+        with steps.step("settle") as session:
+            settle(session, rows, answers, clock(), policy, actor, counts)
         if len(rows) < policy.batch_size or clock_time.monotonic() >= deadline:
             break
     return counts

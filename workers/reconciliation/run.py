@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, delete, func, literal, select, tuple_
+from sqlalchemy import BigInteger, delete, func, literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from config import Settings
-from workers.db import is_postgres, transition
+from workers.db import Steps, is_postgres, transition
 from workers.errors import PermanentError, one_line
 from workers.gateways.base import (
     Gateway,
@@ -89,7 +89,7 @@ class RunOptions:
 class Work:
     """A claimed run at work: what each of its steps reads and writes."""
 
-    session: Session
+    steps: Steps
     state: RunState
     gateway: Gateway
     seen: IdSet  # the payments compared so far
@@ -97,11 +97,16 @@ class Work:
     options: RunOptions
     progress: Progress | None
 
+    @property
+    def session(self) -> Session:
+        return self.steps.session
+
     def save(self, now: datetime | None = None) -> None:
-        """Write the run's progress, renew its lease, and commit."""
+        """The end of a batch: the run's progress written and its lease renewed, committed
+        with what the batch wrote (or none of it, if the lease is no longer ours)."""
         options = self.options
-        save_progress(self.session, self.state, options.owner, now or self.clock(), options.lease)
-        self.session.commit()
+        with self.steps.step("batch") as session:
+            save_progress(session, self.state, options.owner, now or self.clock(), options.lease)
 
     def show(self) -> None:
         if self.progress is not None:
@@ -109,7 +114,7 @@ class Work:
 
 
 def reconcile_run(
-    session: Session,
+    steps: Steps,
     run_id: int,
     clock: Callable[[], datetime],
     gateway_for: GatewayFor,
@@ -117,39 +122,12 @@ def reconcile_run(
     *,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Do, or resume, one run, committing as it goes. A failure a retry may get past is
-    raised after the lease is given back (the next attempt resumes where this one stopped);
-    a permanent one after the run is marked FAILED."""
-    with dedicated(session) as work:
-        return _reconcile(work, run_id, clock, gateway_for, options, progress)
-
-
-@contextlib.contextmanager
-def dedicated(session: Session) -> Iterator[Session]:
-    """A session that keeps one connection for the whole run: a run commits every batch, and
-    a session on the engine would check its connection out and ping it again each time."""
-    bind = session.get_bind()
-    if not isinstance(bind, Engine):
-        yield session
-        return
-    with bind.connect() as connection:
-        work = Session(bind=connection, expire_on_commit=False)
-        try:
-            yield work
-        finally:
-            work.close()
-
-
-def _reconcile(
-    session: Session,
-    run_id: int,
-    clock: Callable[[], datetime],
-    gateway_for: GatewayFor,
-    options: RunOptions,
-    progress: Progress | None,
-) -> RunResult:
+    """Do, or resume, one run, a step per batch (its owner may hand it steps on one connection:
+    `steps_on_one_connection`). A failure a retry may get past is raised after the lease is
+    given back (the next attempt resumes where this one stopped); a permanent one after the run
+    is marked FAILED."""
     claimed = claim_run(
-        session, run_id, owner=options.owner, now=clock(), lease=options.lease, actor=options.actor
+        steps, run_id, owner=options.owner, now=clock(), lease=options.lease, actor=options.actor
     )
     if isinstance(claimed, RunResult):
         return claimed
@@ -161,27 +139,37 @@ def _reconcile(
         # round trips per call, a third of what a page costs, and a run stops at its first
         # failed request anyway, to be retried with backoff.
         gateway = getattr(guarded, "adapter", guarded)
-        work = Work(session, state, gateway, load_seen(session, run_id), clock, options, progress)
-        session.commit()
+        with steps.step("load") as session:
+            seen = load_seen(session, run_id)
+        work = Work(steps, state, gateway, seen, clock, options, progress)
         if state.phase == "list":
             list_and_compare(work)
         if state.phase == "check":
             check_unlisted(work)
-        finish(session, state, clock(), options)
+        with steps.step("finish") as session:
+            finish(session, state, clock(), options)
     except LeaseLost:
-        session.rollback()
+        steps.undo()
         log.warning("reconciliation.lease_lost", extra={"run_id": run_id})
         return RunResult(run_id, "lease_lost", dict(state.counts))
     except PermanentError as exc:
-        session.rollback()
-        fail(session, run_id, exc, clock(), options)
-        session.commit()
+        steps.undo()
+        with steps.step("fail") as session:
+            fail(session, run_id, exc, clock(), options)
         raise
     except BaseException as exc:  # worth retrying, deferred, or the worker is stopping
-        session.rollback()
-        release(session, run_id, options.owner, clock(), one_line(exc)[:2000])
-        session.commit()
+        steps.undo()
+        with steps.step("release") as session:
+            release(session, run_id, options.owner, clock(), one_line(exc)[:2000])
         raise
+    log.info(
+        "reconciliation.completed",
+        extra={
+            "run_id": state.run_id,
+            "gateway": state.gateway,
+            **{key: state.counts[key] for key in ("payments", "discrepancies", "fixed", "flagged")},
+        },
+    )
     if progress is not None:
         progress(state)
     return RunResult(run_id, "completed", dict(state.counts))
@@ -266,34 +254,34 @@ def unmatched_minutes(session: Session, state: RunState, in_window: Any) -> list
 def scan(work: Work, where: Any) -> None:
     """Read the payments `where` selects, after the check phase's position, and ask about
     those the listing did not compare."""
-    session, state = work.session, work.state
+    state = work.state
     while True:
         after_at, after_id = state.progress["after"]
-        rows = (
-            session.connection()
-            .execute(
-                select(
-                    PAYMENTS.c.id,
-                    PAYMENTS.c.gateway_payment_id,
-                    PAYMENTS.c.status,
-                    PAYMENTS.c.amount,
-                    PAYMENTS.c.currency,
-                    PAYMENTS.c.created_at,
+        with work.steps.step("read") as session:  # nothing stays open during the calls
+            rows = (
+                session.connection()
+                .execute(
+                    select(
+                        PAYMENTS.c.id,
+                        PAYMENTS.c.gateway_payment_id,
+                        PAYMENTS.c.status,
+                        PAYMENTS.c.amount,
+                        PAYMENTS.c.currency,
+                        PAYMENTS.c.created_at,
+                    )
+                    .where(
+                        where,
+                        tuple_(PAYMENTS.c.created_at, PAYMENTS.c.id)
+                        > tuple_(
+                            literal(datetime.fromisoformat(after_at), UTCDateTime()),
+                            literal(after_id, BigInteger()),
+                        ),
+                    )
+                    .order_by(PAYMENTS.c.created_at, PAYMENTS.c.id)
+                    .limit(SCAN_ROWS)
                 )
-                .where(
-                    where,
-                    tuple_(PAYMENTS.c.created_at, PAYMENTS.c.id)
-                    > tuple_(
-                        literal(datetime.fromisoformat(after_at), UTCDateTime()),
-                        literal(after_id, BigInteger()),
-                    ),
-                )
-                .order_by(PAYMENTS.c.created_at, PAYMENTS.c.id)
-                .limit(SCAN_ROWS)
+                .all()
             )
-            .all()
-        )
-        session.commit()  # nothing stays open while the gateway answers
         if not rows:
             return
         unlisted = [
@@ -369,15 +357,6 @@ def finish(session: Session, state: RunState, now: datetime, options: RunOptions
             run_id=state.run_id,
             gateway=state.gateway,
         )
-    session.commit()
-    log.info(
-        "reconciliation.completed",
-        extra={
-            "run_id": state.run_id,
-            "gateway": state.gateway,
-            **{key: state.counts[key] for key in ("payments", "discrepancies", "fixed", "flagged")},
-        },
-    )
 
 
 def fail(

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from workers.db import transition
+from workers.db import Steps, transition
 from workers.db.upsert import insert_ignore
 from workers.errors import NotFound, TransientError
 from workers.models import OPEN_RUN, ReconciliationRun
@@ -223,14 +223,23 @@ class RunResult:
 
 
 def claim_run(
+    steps: Steps, run_id: int, *, owner: str, now: datetime, lease: timedelta, actor: str
+) -> ReconciliationRun | RunResult:
+    """Take the run's lease (and move it to RUNNING), or say why not, in one step."""
+    with steps.step("claim run") as session:
+        claimed = take_lease(session, run_id, owner=owner, now=now, lease=lease, actor=actor)
+    if isinstance(claimed, ReconciliationRun):
+        steps.session.refresh(claimed)
+    return claimed
+
+
+def take_lease(
     session: Session, run_id: int, *, owner: str, now: datetime, lease: timedelta, actor: str
 ) -> ReconciliationRun | RunResult:
-    """Take the run's lease (and move it to RUNNING), or say why not. Commits."""
     run = session.get(ReconciliationRun, run_id, populate_existing=True)
     if run is None:
         raise NotFound(f"reconciliation_runs {run_id} does not exist")
     if run.status == "COMPLETED":
-        session.commit()
         return RunResult(run_id, "already_completed", dict(run.counts))
     taken = session.execute(
         update(ReconciliationRun)
@@ -253,7 +262,6 @@ def claim_run(
                 ReconciliationRun.owner, ReconciliationRun.status, ReconciliationRun.lease_until
             ).where(ReconciliationRun.id == run_id)
         ).one()
-        session.commit()
         if holder.status == "COMPLETED":
             return RunResult(run_id, "already_completed", {})
         return RunResult(run_id, "busy", {}, holder=holder.owner, held_until=holder.lease_until)
@@ -266,8 +274,6 @@ def claim_run(
         reason=f"taken by {owner}",
         now=now,
     )
-    session.commit()
-    session.refresh(run)
     return run
 
 

@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from workers.db import transition_batch
+from workers.db import Steps, transition_batch
 from workers.dead_letters import record_dead_letter
 from workers.errors import (
     Defer,
@@ -71,7 +71,7 @@ class Checked:
 
 
 def check_refunds(
-    session: Session,
+    steps: Steps,
     refund_ids: Sequence[int],
     clock: Callable[[], datetime],
     gateway_for: GatewayFor,
@@ -82,9 +82,23 @@ def check_refunds(
     """Ask the gateways about PROCESSING refunds and move on each one they have a final answer
     for. The rows are read in one select and that transaction ends before any call; the calls
     run `concurrency` at a time; the answers are written with one audited batch transition per
-    outcome, in the session's transaction, for the caller to commit. Refunds that are no longer
-    PROCESSING, or are in manual review, are reported as they are and not asked about."""
-    rows = session.execute(
+    outcome, in the transaction the caller commits (with what it adds to them). Refunds that are
+    no longer PROCESSING, or are in manual review, are reported as they are and not asked
+    about."""
+    with steps.step("read") as session:  # nothing stays open while the gateways answer
+        rows = read_refunds(session, refund_ids)
+    checked = Checked()
+    for refund_id in sorted(set(refund_ids) - {row.id for row in rows}):
+        checked.failed[refund_id] = NotFound(f"refunds {refund_id} does not exist")
+    calls = calls_to_make(rows, gateway_for, checked)
+    answers = ask_gateways(calls, concurrency)
+    found = sort_answers(steps.session, calls, answers, checked, clock, actor)
+    record_checks(steps.session, found, {row.id for row in rows}, checked, clock(), actor)
+    return checked
+
+
+def read_refunds(session: Session, refund_ids: Sequence[int]) -> Sequence[Any]:
+    return session.execute(
         select(
             Refund.id,
             Refund.status,
@@ -101,15 +115,6 @@ def check_refunds(
         .where(Refund.id.in_(list(refund_ids)))
         .order_by(Refund.id)
     ).all()
-    session.commit()  # nothing stays open while the gateways answer
-    checked = Checked()
-    for refund_id in sorted(set(refund_ids) - {row.id for row in rows}):
-        checked.failed[refund_id] = NotFound(f"refunds {refund_id} does not exist")
-    calls = calls_to_make(rows, gateway_for, checked)
-    answers = ask_gateways(calls, concurrency)
-    found = sort_answers(session, calls, answers, checked, clock, actor)
-    record_checks(session, found, {row.id for row in rows}, checked, clock(), actor)
-    return checked
 
 
 def calls_to_make(rows: Sequence[Any], gateway_for: GatewayFor, checked: Checked) -> list[Any]:

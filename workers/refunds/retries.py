@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from workers.db import claim, transition
+from workers.db import Steps, claim, transition
 from workers.messaging.enqueue import enqueue_after_commit
 from workers.models import Refund
 from workers.observability.alerts import raise_alert
@@ -48,7 +48,7 @@ class RetryCounts:
 
 
 def retry_stuck_refunds(
-    session: Session,
+    steps: Steps,
     clock: Callable[[], datetime],
     policy: RetryPolicy,
     actor: str = "refunds.retry_stuck",
@@ -60,14 +60,14 @@ def retry_stuck_refunds(
     refunds between them."""
     counts = RetryCounts()
     while True:
-        escalated = escalate_unresolved(session, clock(), policy)
-        session.commit()
+        with steps.step("escalate") as session:
+            escalated = escalate_unresolved(session, clock(), policy)
         counts.escalated += len(escalated)
         if len(escalated) < policy.batch_size:
             break
     while True:
-        taken = take_due(session, clock(), policy, actor)
-        session.commit()
+        with steps.step("take") as session:
+            taken = take_due(session, clock(), policy, actor)
         for status, ids in taken.items():
             if status == "PROCESSING":
                 counts.checked += len(ids)

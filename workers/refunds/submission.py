@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from workers.db import transition
+from workers.db import Steps, transition
 from workers.errors import (
     Defer,
     NotFound,
@@ -234,7 +234,7 @@ def record_error(
 
 
 def submit_refund(
-    session: Session,
+    steps: Steps,
     refund_id: int,
     clock: Callable[[], datetime],
     gateway_for: GatewayFor,
@@ -242,22 +242,23 @@ def submit_refund(
     lease: timedelta,
     actor: str = "refunds.submit",
 ) -> str:
-    """Send one PENDING refund to its gateway, at most once at the gateway. Commits between
-    the steps; returns the outcome (the new status, or why nothing was sent). Transient
-    failures are re-raised after they are recorded, for the caller to retry."""
-    claim = claim_attempt(session, refund_id, clock(), lease, gateway_for)
-    session.commit()
+    """Send one PENDING refund to its gateway, at most once at the gateway, in three steps:
+    claim (committed before anything is sent), the call (no transaction open), the outcome.
+    Returns the outcome (the new status, or why nothing was sent). Transient failures are
+    re-raised after they are recorded, for the caller to retry."""
+    with steps.step("claim") as session:
+        claim = claim_attempt(session, refund_id, clock(), lease, gateway_for)
     if claim.request is None:
         return claim.outcome
     try:
         result = call_gateway(claim, clock())
     except CircuitOpen as error:  # the breaker opened since the claim looked: nothing was sent
-        record_error(session, refund_id, error, clock(), actor)
-        session.commit()
+        with steps.step("error") as session:
+            record_error(session, refund_id, error, clock(), actor)
         raise Defer(open_seconds(claim.gateway), str(error)) from error
     except (GatewayTransient, OutcomeUnknown, GatewayPermanent) as error:
-        record_error(session, refund_id, error, clock(), actor)
-        session.commit()
+        with steps.step("error") as session:
+            record_error(session, refund_id, error, clock(), actor)
         if isinstance(error, GatewayPermanent):
             log.warning("refund.failed", extra={"refund_id": refund_id, "error": one_line(error)})
             return "FAILED"
@@ -267,12 +268,13 @@ def submit_refund(
             f"refunds {refund_id}: unexpected {type(unexpected).__name__} while sending: "
             f"{one_line(unexpected)}"
         )
-        record_error(session, refund_id, error, clock(), actor)
-        session.commit()
+        with steps.step("error") as session:
+            record_error(session, refund_id, error, clock(), actor)
         raise error from unexpected
-    status = record_outcome(
-        session, refund_id, claim.request.idempotency_key, result, clock(), actor
-    )
+    with steps.step("outcome") as session:
+        status = record_outcome(
+            session, refund_id, claim.request.idempotency_key, result, clock(), actor
+        )
     log.info(
         "refund.sent",
         extra={"refund_id": refund_id, "status": status, "gateway_refund_id": result.id},

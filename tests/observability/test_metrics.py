@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import load_settings
 from tests.conftest import BROKER_URL, service_env, wait_until
-from tests.metrics_helpers import Samples, exporter, parse, scrape, value
+from tests.observability.metrics_helpers import Samples, exporter, parse, scrape, value
 from tests.processes import ROOT, Proc
 from workers.db import session_scope
 from workers.gateways.breaker import make_breaker

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select
 
 from tests.workers.factories import CAPTURED, CURRENCY
-from workers.db import new_session, session_scope
+from workers.db import Steps, new_session, session_scope
 from workers.models import Notification, Payment
 from workers.payments.in_flight import JanitorPolicy, check_in_flight
 
@@ -62,7 +62,9 @@ def payment(
 def janitor(gateways: dict[str, Any], at: datetime = T0) -> Counter[str]:
     session = new_session()
     try:
-        return check_in_flight(session, lambda: at, gateways.__getitem__, POLICY, time_budget=30)
+        return check_in_flight(
+            Steps(session), lambda: at, gateways.__getitem__, POLICY, time_budget=30
+        )
     finally:
         session.close()
 

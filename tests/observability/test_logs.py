@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.conftest import service_env, wait_until
-from tests.metrics_helpers import exporter
+from tests.observability.metrics_helpers import exporter
 from tests.processes import Proc
 from tests.workers.factories import add_hold
 from workers.celery_app import app
