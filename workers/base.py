@@ -161,14 +161,19 @@ def redacted_repr(kwargs: Any, redacted: frozenset[str]) -> str:
 
 
 class TaskRequest(Request):  # type: ignore[misc]
-    """A message as the worker sees it. For a payload with fields that must not be shown (a
-    webhook's raw body and signature) the repr its sender put in the message, Celery's full
-    repr by default, is replaced as the message arrives: it is what the worker logs, announces
-    to Flower in `task-received`, and answers `celery inspect active|reserved` with (asked for
-    the arguments themselves, it gives that repr too)."""
+    """A message as the worker sees it, run under the worker's own time limits. For a payload
+    with fields that must not be shown (a webhook's raw body and signature) the repr its sender
+    put in the message, Celery's full repr by default, is replaced as the message arrives: it
+    is what the worker logs, announces to Flower in `task-received`, and answers `celery
+    inspect active|reserved` with (asked for the arguments themselves, it gives that repr
+    too)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The time limits are this worker's settings, whatever the message carries: Celery
+        # copies a sender's own limits into the message (a CLI, beat or another worker with
+        # other settings), and a longer one could outlast the visibility timeout.
+        self.time_limits = (None, None)
         redacted = getattr(getattr(self._task, "payload_model", None), "REDACTED", None)
         self._redacted = bool(redacted)
         if redacted:

@@ -295,6 +295,28 @@ def test_a_task_past_its_soft_time_limit_is_retried_to_the_default_limit(
     )
 
 
+def test_time_limits_in_a_message_do_not_override_the_workers(
+    committed: Engine, start_worker: Callable[..., Proc]
+) -> None:
+    """Celery 5.7 copies a task's time limits into every message a process sends for a task it
+    has registered (`send_task` merges the task's options): a CLI, beat or another worker with
+    other settings would impose its own. The limits are the worker's settings, whatever the
+    message says; a longer one could outlast the visibility timeout and run the task twice."""
+    observe_worker(start_worker, TASK_SOFT_TIME_LIMIT_SECONDS="1", TASK_TIME_LIMIT_SECONDS="30")
+    app.send_task(
+        "observe.ok",
+        kwargs={"seconds": 5},
+        queue="default",
+        soft_time_limit=1800,
+        time_limit=1900,
+    )
+    [letter] = wait_until(lambda: letters(committed), timeout=60)
+    assert (letter.error_type, letter.attempts) == (
+        "SoftTimeLimitExceeded",
+        DEFAULT_MAX_RETRIES + 1,
+    )
+
+
 def test_a_task_killed_at_its_hard_time_limit_is_dead_lettered_not_lost(
     committed: Engine, start_worker: Callable[..., Proc]
 ) -> None:
