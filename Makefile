@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server node-deps screenshot clean
+.PHONY: install run test lint format bench redis-server chromium node-deps screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ redis-server:
 	  echo "installing redis-server with apt"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# The console's browser tests drive Debian's headless Chromium through Playwright.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  echo "installing chromium with apt"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 # The Node.js client test enqueues tasks with the `celery-node` npm package (tests/node).
 node-deps: tests/node/node_modules/.installed-stamp
@@ -61,7 +68,13 @@ run: install
 	$(VENV)/bin/backstop db upgrade
 	$(VENV)/bin/backstop demo seed
 	@mkdir -p var && { cat Procfile; echo "$(PROCESSES)"; echo "$(NOTIFY_PROCESSES)"; } > var/Procfile.run
+	@# The console's demo operator: a password made once and kept in var/, printed at start.
+	@test -s var/console-demo-password || $(PY) -c "import secrets; print(secrets.token_urlsafe(12))" > var/console-demo-password
 	@# Ctrl-C stops every process; honcho then exits 130, which is the normal way out here.
+	@pw=$$(cat var/console-demo-password); \
+	export CONSOLE_USERS="demo:operator:$$($(VENV)/bin/backstop console hash-password --password "$$pw")"; \
+	export CONSOLE_SECRET_KEY="$$pw-demo-session-key" CONSOLE_COOKIE_SECURE=false; \
+	echo "console: http://127.0.0.1:8000  (user demo, password $$pw)"; \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/honcho start -f var/Procfile.run || [ $$? -eq 130 ]
 
 lint: install
@@ -73,7 +86,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install redis-server node-deps lint
+test: install redis-server chromium node-deps lint
 	$(PY) -m tests.services -- $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install redis-server
@@ -86,7 +99,7 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/faults.py
 
 # docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).
-screenshot: install redis-server
+screenshot: install redis-server chromium
 	$(PY) -m tests.services -- $(PY) scripts/flower_screenshot.py
 
 clean:

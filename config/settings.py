@@ -109,6 +109,19 @@ class Settings(BaseSettings):
     PROMETHEUS_MULTIPROC_DIR: Path = VAR_DIR / "metrics"
     FLOWER_BASIC_AUTH: Annotated[SecretStr | None, Field(default=None)] = None
 
+    # The operator console (`backstop console`). Users: `name:viewer|operator:HASH` entries,
+    # the hash from `backstop console hash-password`; or, behind an SSO proxy, the header it
+    # sets with the user's name, believed only from CONSOLE_TRUSTED_PROXIES (addresses or
+    # networks); CONSOLE_TRUSTED_OPERATORS names who of those users may act.
+    CONSOLE_USERS: SecretStr | None = None
+    CONSOLE_SECRET_KEY: SecretStr | None = None
+    CONSOLE_TRUSTED_USER_HEADER: str | None = None
+    CONSOLE_TRUSTED_PROXIES: str = ""
+    CONSOLE_TRUSTED_OPERATORS: str = ""
+    # Session cookies only over HTTPS; off for local development on plain http.
+    CONSOLE_COOKIE_SECURE: bool = True
+    CONSOLE_FLOWER_URL: str = "http://127.0.0.1:5555"
+
     HOLD_SWEEP_SECONDS: PositiveInt = 5
     # The active beat's lock lives this long unless renewed: a standby takes over within it.
     BEAT_LOCK_SECONDS: Annotated[int, Field(ge=3, le=600)] = 30

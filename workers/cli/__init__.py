@@ -10,6 +10,7 @@ import click
 
 from config import SettingsError
 from config.settings import load_settings
+from workers.cli.console import console
 from workers.cli.db import db
 from workers.cli.devtools import demo, notify_sandbox, simulator
 from workers.cli.dlq import dlq
@@ -40,6 +41,7 @@ for command in (
     tasks,
     dlq,
     metrics,
+    console,
 ):
     main.add_command(command)
 

@@ -7,13 +7,14 @@ import json
 import os
 import re
 import sys
+from dataclasses import astuple
 from datetime import datetime, timedelta
 from typing import Any
 
 import click
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select
 
-from workers.dlq.rules import glob_like
+from workers.dlq import browse
 from workers.models import CLASSIFICATIONS as CLASSES
 from workers.models import DEAD_LETTER_STATUSES as STATUSES
 
@@ -60,24 +61,14 @@ def selection(
     older_than: str | None,
     newer_than: str | None,
 ) -> Select[Any]:
-    from workers.models import DeadLetter
-
-    query = select(DeadLetter)
-    if task:
-        query = query.where(DeadLetter.task_name.like(glob_like(task), escape="\\"))
-    if statuses:
-        query = query.where(DeadLetter.status.in_(statuses))
-    if error:
-        query = query.where(
-            (DeadLetter.error_type == error) | DeadLetter.error_message.contains(error)
-        )
-    if classification:
-        query = query.where(DeadLetter.classification == classification)
-    if (older := duration(older_than)) is not None:
-        query = query.where(DeadLetter.created_at <= now - older)
-    if (newer := duration(newer_than)) is not None:
-        query = query.where(DeadLetter.created_at > now - newer)
-    return query
+    return browse.Filters(
+        task=task,
+        statuses=statuses,
+        error=error,
+        classification=classification,
+        older_than=duration(older_than),
+        newer_than=duration(newer_than),
+    ).select(now)
 
 
 def letter_dict(letter: Any, *, full: bool = False) -> dict[str, Any]:
@@ -126,28 +117,12 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
     """Dead letters, newest first, with counts grouped by task, error and status."""
     from workers.base import utcnow
     from workers.db import session_scope
-    from workers.models import DeadLetter
 
     now = utcnow()
     query = selection(now, **given)
     with session_scope() as session:
-        chosen = query.subquery()
-        groups = session.execute(
-            select(
-                chosen.c.task_name,
-                chosen.c.error_type,
-                chosen.c.classification,
-                chosen.c.status,
-                func.count(),
-                func.min(chosen.c.created_at),
-            )
-            .group_by(
-                chosen.c.task_name, chosen.c.error_type, chosen.c.classification, chosen.c.status
-            )
-            .order_by(func.count().desc())
-        ).all()
-        letters = session.scalars(query.order_by(DeadLetter.id.desc()).limit(limit)).all()
-        rows = [letter_dict(letter) for letter in letters]
+        groups = [astuple(group) for group in browse.groups(session, query)]
+        rows = [letter_dict(letter) for letter in browse.page(session, query, limit=limit)]
     counts = [
         {
             "task_name": task,
@@ -188,39 +163,16 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
 def dlq_show(letter_id: int, as_json: bool) -> None:
     """One dead letter: payload, error, traceback, attempts and its whole history."""
     from workers.db import session_scope
-    from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+    from workers.models import DeadLetter
 
     with session_scope() as session:
         letter = session.get(DeadLetter, letter_id)
         if letter is None:
             raise click.ClickException(f"dead letter {letter_id} does not exist")
         data = letter_dict(letter, full=True)
-        history = [
-            {
-                "at": row.at.isoformat(),
-                "what": f"{row.from_status} -> {row.to_status}",
-                "actor": row.actor,
-                "reason": row.reason,
-            }
-            for row in session.scalars(
-                select(StateTransition).where(
-                    StateTransition.entity == "dead_letters",
-                    StateTransition.entity_id == letter_id,
-                )
-            )
-        ] + [
-            {
-                "at": row.at.isoformat(),
-                "what": row.action,
-                "actor": row.actor,
-                "reason": row.reason,
-                **({"detail": row.detail} if row.detail else {}),
-            }
-            for row in session.scalars(
-                select(DeadLetterEvent).where(DeadLetterEvent.dead_letter_id == letter_id)
-            )
+        data["history"] = [
+            {**item, "at": item["at"].isoformat()} for item in browse.history(session, letter_id)
         ]
-    data["history"] = sorted(history, key=lambda item: item["at"])
     if as_json:
         click.echo(json.dumps(data))
         return

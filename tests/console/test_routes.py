@@ -1,0 +1,251 @@
+"""Every console page and action through Flask's test client, on the real Postgres: who may
+see and do what, CSRF, the headers, what an action writes (with the operator's own name), and
+that nothing secret or live is rendered."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import select
+
+from config.settings import load_settings
+from tests.console.conftest import csrf, log_in, new_letter, post
+from tests.workers.factories import add_hold
+from workers.console import create_app
+from workers.console.auth import ConsoleConfigError
+from workers.db import session_scope
+from workers.errors import PermanentError
+from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+
+
+def status(letter_id: int) -> str:
+    with session_scope() as session:
+        return session.get(DeadLetter, letter_id).status  # type: ignore[union-attr]
+
+
+def audit(letter_id: int) -> list[tuple[str, str]]:
+    with session_scope() as session:
+        return [
+            (row.to_status, row.actor)
+            for row in session.scalars(
+                select(StateTransition)
+                .where(
+                    StateTransition.entity == "dead_letters",
+                    StateTransition.entity_id == letter_id,
+                )
+                .order_by(StateTransition.id)
+            )
+        ]
+
+
+def test_a_wrong_password_is_refused_and_repeated_failures_are_throttled(
+    console_app: Flask, redis: Any
+) -> None:
+    client = console_app.test_client()
+    refused = log_in(client, "alice", "not-her-password")
+    assert refused.status_code == 401 and "wrong name or password" in refused.get_data(True)
+    assert client.get("/dead-letters").status_code == 302  # still not logged in
+    for _ in range(4):
+        log_in(client, "alice", "still-wrong")
+    throttled = log_in(client, "alice")  # the right password, after 5 failures: not now
+    assert throttled.status_code == 429
+
+
+def test_pages_need_a_user_and_an_operator_logs_in(console_app: Flask, redis: Any) -> None:
+    client = console_app.test_client()
+    first = client.get("/dead-letters?task=holds.*")
+    assert first.status_code == 302 and first.headers["Location"].startswith("/login?next=")
+    done = log_in(client, "alice")
+    assert done.status_code == 302
+    page = client.get("/dead-letters")
+    assert page.status_code == 200 and "alice (operator)" in page.get_data(True)
+
+
+def test_the_list_groups_filters_and_pages_by_id(console_app: Flask, redis: Any) -> None:
+    ids = [new_letter("holds.expire", {"hold_id": i}) for i in range(60)]
+    other = new_letter("refunds.submit", {"refund_id": 1}, PermanentError("refused"))
+    client = console_app.test_client()
+    log_in(client, "alice")
+    html = client.get("/dead-letters").get_data(True)
+    assert ">60<" in html and ">1<" in html  # the groups' counts
+    filtered = client.get("/dead-letters?task=refunds.*").get_data(True)
+    assert f"/dead-letters/{other}" in filtered and f'/dead-letters/{ids[0]}"' not in filtered
+    first = client.get("/dead-letters?task=holds.*").get_data(True)
+    assert f'/dead-letters/{ids[-1]}"' in first and f'/dead-letters/{ids[9]}"' not in first
+    assert f"before={ids[10]}" in first  # the next page starts below the last id shown
+    second = client.get(f"/dead-letters?task=holds.*&before={ids[10]}").get_data(True)
+    assert f'/dead-letters/{ids[9]}"' in second and f'/dead-letters/{ids[0]}"' in second
+
+
+def test_markup_in_a_letter_renders_inert(console_app: Flask, redis: Any) -> None:
+    letter = new_letter(
+        "holds.expire",
+        {"hold_id": '<img src=x onerror="alert(1)">'},
+        PermanentError("<script>alert('boom')</script>"),
+    )
+    client = console_app.test_client()
+    log_in(client, "alice")
+    html = client.get(f"/dead-letters/{letter}").get_data(True)
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&#39;boom&#39;)&lt;/script&gt;" in html
+    listing = client.get("/dead-letters").get_data(True)
+    assert "<script>alert" not in listing
+
+
+def test_an_invalid_edit_is_refused_with_nothing_sent_then_a_valid_one_is_replayed_as_alice(
+    console_app: Flask, redis: Any
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, datetime.now(UTC) - timedelta(seconds=5))
+    letter = new_letter("holds.expire", {"hold_id": "abc"})
+    client = console_app.test_client()
+    log_in(client, "alice")
+    page = f"/dead-letters/{letter}"
+    bad = post(client, f"{page}/replay", page, payload='{"hold_id": "x"}', reason="fix")
+    assert (
+        bad.status_code == 422
+        and "Not sent: holds.expire: invalid payload: hold_id" in bad.get_data(True)
+    )
+    broken = post(client, f"{page}/replay", page, payload="{not json", reason="fix")
+    assert broken.status_code == 422
+    assert status(letter) == "NEW" and redis.llen("critical") == 0
+
+    preview = post(client, f"{page}/replay", page, payload=f'{{"hold_id": {hold}}}', reason="fix")
+    html = preview.get_data(True)
+    assert preview.status_code == 200 and "Replay now" in html
+    assert "&#34;abc&#34;" in html and f"<td>{hold}</td>" in html  # the diff, before and after
+    assert status(letter) == "NEW" and redis.llen("critical") == 0  # a preview sends nothing
+
+    done = client.post(
+        f"{page}/replay",
+        data={
+            "payload": f'{{"hold_id": {hold}}}',
+            "reason": "fix",
+            "confirm": "yes",
+            "csrf_token": csrf(html),
+        },
+    )
+    assert done.status_code == 302
+    assert status(letter) == "RETRYING" and audit(letter) == [("RETRYING", "alice")]
+    assert redis.llen("critical") == 1  # the replay, sent once the transaction committed
+    with session_scope() as session:
+        event = session.scalars(select(DeadLetterEvent)).one()
+        assert (event.action, event.actor, event.detail) == (
+            "replayed",
+            "alice",
+            {"diff": {"hold_id": ["abc", hold]}},
+        )
+
+
+def test_a_discard_needs_a_reason_and_is_audited_with_the_operators_name(
+    console_app: Flask, redis: Any
+) -> None:
+    letter = new_letter("holds.expire", {"hold_id": 1})
+    client = console_app.test_client()
+    log_in(client, "alice")
+    page = f"/dead-letters/{letter}"
+    assert post(client, f"{page}/discard", page, reason="  ").status_code == 422
+    assert post(client, f"{page}/discard", page, reason="hold deleted").status_code == 302
+    assert status(letter) == "DISCARDED" and audit(letter) == [("DISCARDED", "alice")]
+
+
+def test_a_viewer_sees_no_actions_and_a_forged_post_is_forbidden(
+    console_app: Flask, redis: Any
+) -> None:
+    letter = new_letter("holds.expire", {"hold_id": 1})
+    client = console_app.test_client()
+    log_in(client, "victor")
+    page = f"/dead-letters/{letter}"
+    html = client.get(page).get_data(True)
+    assert "victor (viewer)" in html and "Replay" not in html and "Discard" not in html
+    for action in ("replay", "discard"):
+        forged = post(client, f"{page}/{action}", page, reason="x", confirm="yes")
+        assert forged.status_code == 403
+    assert status(letter) == "NEW"
+
+
+def test_a_post_without_its_csrf_token_is_refused(console_app: Flask, redis: Any) -> None:
+    letter = new_letter("holds.expire", {"hold_id": 1})
+    client = console_app.test_client()
+    log_in(client, "alice")
+    refused = client.post(f"/dead-letters/{letter}/discard", data={"reason": "no token"})
+    assert refused.status_code == 400 and status(letter) == "NEW"
+    login = client.post("/login", data={"username": "alice", "password": "alice-operator-pw"})
+    assert login.status_code == 400
+
+
+def test_every_response_carries_the_security_headers_and_a_strict_cookie(
+    console_app: Flask, redis: Any
+) -> None:
+    client = console_app.test_client()
+    response = log_in(client, "alice")
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    page = client.get("/dead-letters")
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp
+    assert page.headers["X-Frame-Options"] == "DENY"
+    assert "<script>" not in page.get_data(True) and "style=" not in page.get_data(True)
+
+
+def test_secure_cookies_outside_local_development(committed: Any, console_users: str) -> None:
+    app = create_app(load_settings(CONSOLE_USERS=console_users))
+    app.config["TESTING"] = True
+    client = app.test_client()
+    assert "Secure" in log_in(client, "alice").headers["Set-Cookie"]
+
+
+def test_a_trusted_proxy_names_the_user_and_anyone_else_is_not_believed(
+    console_app: Flask, redis: Any
+) -> None:
+    letter = new_letter("holds.expire", {"hold_id": 1})
+    behind = console_app.test_client()
+    page = behind.get(
+        f"/dead-letters/{letter}",
+        headers={"X-Forwarded-Email": "olga@example.com"},
+        environ_base={"REMOTE_ADDR": "10.1.2.3"},
+    )
+    assert page.status_code == 200 and "olga@example.com (operator)" in page.get_data(True)
+    viewer = behind.get(
+        "/dead-letters",
+        headers={"X-Forwarded-Email": "pat@example.com"},
+        environ_base={"REMOTE_ADDR": "10.1.2.3"},
+    )
+    assert "pat@example.com (viewer)" in viewer.get_data(True)
+    spoofed = console_app.test_client().get(
+        "/dead-letters",
+        headers={"X-Forwarded-Email": "olga@example.com"},
+        environ_base={"REMOTE_ADDR": "192.0.2.9"},
+    )
+    assert spoofed.status_code == 302  # not from a trusted proxy: log in
+
+
+def test_a_webhook_letters_body_and_signature_are_never_shown(
+    console_app: Flask, redis: Any
+) -> None:
+    letter = new_letter(
+        "webhooks.process",
+        {"provider": "stripe", "body": '{"secret_card": "4242"}', "signature": "t=1,v1=deadbeef"},
+    )
+    client = console_app.test_client()
+    log_in(client, "alice")
+    html = client.get(f"/dead-letters/{letter}").get_data(True)
+    assert "deadbeef" not in html and "4242" not in html
+    assert "redacted" in html
+
+
+def test_the_console_refuses_to_start_without_a_way_to_know_its_users() -> None:
+    for settings, named in (
+        ({}, "CONSOLE_USERS"),
+        ({"CONSOLE_USERS": "alice:admin:plain"}, "CONSOLE_USERS: bad entry for 'alice'"),
+        ({"CONSOLE_TRUSTED_USER_HEADER": "X-Forwarded-Email"}, "CONSOLE_TRUSTED_PROXIES"),
+    ):
+        try:
+            create_app(load_settings(**settings))
+        except ConsoleConfigError as exc:
+            assert named in str(exc) and "\n" not in str(exc)
+        else:
+            raise AssertionError(f"started with {settings}")
