@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -13,11 +12,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from config.settings import load_settings
+from tests.tasks.test_dlq_worker import new_letter
 from workers.console import create_app
 from workers.console.auth import hash_password
-from workers.db import session_scope
-from workers.dead_letters import record_dead_letter
-from workers.errors import Classification, TransientError
+
+__all__ = ["PASSWORDS", "csrf", "log_in", "new_letter", "post"]
 
 PASSWORDS = {"alice": "alice-operator-pw", "victor": "victor-viewer-pw"}
 
@@ -67,17 +66,3 @@ def post(client: FlaskClient, path: str, page: str, **form: str) -> Any:
     """POST `form` to `path` with the CSRF token of the page at `page`, as its form would."""
     token = csrf(client.get(page).get_data(as_text=True))
     return client.post(path, data={**form, "csrf_token": token})
-
-
-def new_letter(task: str, payload: dict[str, Any], error: Exception | None = None) -> int:
-    with session_scope() as session:
-        return record_dead_letter(
-            session,
-            task_name=task,
-            task_id="lost-1",
-            payload=payload,
-            error=error or TransientError("database busy"),
-            attempts=9,
-            classification=Classification.TRANSIENT,
-            now=datetime.now(UTC),
-        )

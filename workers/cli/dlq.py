@@ -5,7 +5,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import re
 import sys
 from dataclasses import astuple
 from datetime import datetime, timedelta
@@ -18,18 +17,16 @@ from workers.dlq import browse
 from workers.models import CLASSIFICATIONS as CLASSES
 from workers.models import DEAD_LETTER_STATUSES as STATUSES
 
-DURATION = re.compile(r"^(\d+)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 CHUNK = 500  # letters replayed per transaction by `replay --all`
 
 
 def duration(value: str | None) -> timedelta | None:
     if value is None:
         return None
-    found = DURATION.match(value.strip())
-    if not found:
-        raise click.BadParameter(f"{value!r} is not a duration like 90s, 30m, 6h or 2d")
-    return timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+    try:
+        return browse.parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def default_actor() -> str:
@@ -97,11 +94,7 @@ def letter_dict(letter: Any, *, full: bool = False) -> dict[str, Any]:
 
 
 def age(at: datetime, now: datetime) -> str:
-    seconds = int((now - at).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return browse.age(now - at)
 
 
 @click.group()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -35,8 +34,6 @@ from workers.payloads import Payload
 bp = Blueprint("console", __name__)
 
 PAGE = 50
-DURATION = re.compile(r"^(\d+)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 def backstop() -> dict[str, Any]:
@@ -109,8 +106,11 @@ def index() -> Any:
 
 
 def duration(value: str | None) -> timedelta | None:
-    found = DURATION.match((value or "").strip())
-    return timedelta(**{UNITS[found.group(2)]: int(found.group(1))}) if found else None
+    """A filter's age, or no condition when it is empty or not a duration."""
+    try:
+        return browse.parse_duration(value) if value else None
+    except ValueError:
+        return None
 
 
 def filters_from(args: Any) -> browse.Filters:
@@ -141,7 +141,7 @@ def letters() -> Any:
                 "status": row.status,
                 "classification": row.classification,
                 "error": f"{row.error_type}: {row.error_message}"[:200],
-                "age": age(now - row.created_at),
+                "age": browse.age(now - row.created_at),
             }
             for row in rows
         ]
@@ -152,21 +152,13 @@ def letters() -> Any:
         more = url_for("console.letters", **args, before=shown[-1]["id"])
     return render_template(
         "letters.html",
-        groups=[{**group.__dict__, "age": age(now - group.oldest)} for group in groups],
+        groups=[{**group.__dict__, "age": browse.age(now - group.oldest)} for group in groups],
         letters=shown,
         more=more,
         args=request.args,
         statuses=DEAD_LETTER_STATUSES,
         classifications=CLASSIFICATIONS,
     )
-
-
-def age(delta: timedelta) -> str:
-    seconds = max(int(delta.total_seconds()), 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def shown_payload(task_name: str, payload: Any) -> Any:

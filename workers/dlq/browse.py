@@ -4,6 +4,7 @@ first, keyset-paged by id), and one letter with its whole history."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,6 +14,26 @@ from sqlalchemy.orm import Session
 
 from workers.dlq.rules import glob_like
 from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+
+DURATION = re.compile(r"^(\d+)([smhd])$")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_duration(value: str) -> timedelta:
+    """An age filter as operators write it (90s, 30m, 6h, 2d); ValueError names the value."""
+    found = DURATION.match(value.strip())
+    if not found:
+        raise ValueError(f"{value!r} is not a duration like 90s, 30m, 6h or 2d")
+    return timedelta(**{UNITS[found.group(2)]: int(found.group(1))})
+
+
+def age(delta: timedelta) -> str:
+    """An age as the lists show it: the largest whole unit (3d, 5h, 12m, 40s)."""
+    seconds = max(int(delta.total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 @dataclass(frozen=True)
