@@ -46,6 +46,24 @@ class ReplayDeadLetter(Payload):
     reason: Annotated[str, Field(min_length=1, max_length=500)] = "replayed through dlq.replay"
 
 
+class BulkDeadLetters(Payload):
+    """Replay or discard every open letter a filter selects (the console's bulk actions), as
+    the operator saw it: the filters' clock and the newest letter id then."""
+
+    action: Literal["replay", "discard"]
+    actor: Annotated[str, Field(min_length=1, max_length=128)]
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    as_of_ms: Annotated[int, Field(gt=0)]  # the filters' clock, milliseconds since the epoch
+    up_to_id: Id | None = None
+    task: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    statuses: Annotated[list[str], Field(max_length=5)] = []
+    error: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+    classification: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    rule: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    older_than_seconds: Annotated[int, Field(ge=0)] | None = None
+    newer_than_seconds: Annotated[int, Field(ge=0)] | None = None
+
+
 class DispatchReplays(Payload):
     dead_letter_ids: Annotated[list[Id], Field(min_length=1, max_length=5_000)]
 

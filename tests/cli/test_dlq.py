@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from sqlalchemy import Engine
 
 from tests.workers.factories import add_hold
-from tests.workers.test_dlq import letter, row, sent
+from tests.workers.test_dlq import dispatched, letter, row, sent
 from workers.cli import main
 from workers.db import session_scope
+from workers.dlq.browse import history
 from workers.errors import PayloadError
 
 
@@ -70,14 +71,48 @@ def test_dry_run_changes_and_sends_nothing(
     ids = [letter("holds.expire", {"hold_id": hold}) for _ in range(3)]
     result = run("dlq", "replay", "--all", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
-    outcomes = json.loads(result.output)["outcomes"]
-    assert [o["outcome"] for o in outcomes] == ["replayed"] * 3
+    counts = json.loads(result.output)
+    assert (counts["dry_run"], counts["matched"], counts["replayed"]) == (True, 3, 3)
+    assert counts["by_task"] == {"holds.expire": 3}
     assert [row(i).status for i in ids] == ["NEW"] * 3 and sent(redis) == []
+    assert history_of(ids[0]) == []  # not a trace of the dry run
     refused = run("dlq", "replay", "--all")  # not a terminal, no --yes
-    assert refused.exit_code == 1 and "without --yes" in refused.output
+    assert refused.exit_code == 1 and "refusing to replay 3 dead letters without --yes" in (
+        refused.output
+    )
     done = run("dlq", "replay", "--all", "--task", "holds.*", "--yes")
-    assert done.exit_code == 0 and "3 replayed" in done.output
-    assert [row(i).status for i in ids] == ["RETRYING"] * 3 and len(sent(redis)) == 3
+    assert done.exit_code == 0 and "3 matched: 3 replayed" in done.output
+    assert [row(i).status for i in ids] == ["RETRYING"] * 3
+    # The replays go out through dlq.dispatch, as triage's do, each with its letter's id.
+    assert sorted(dispatched(redis)) == sorted(("holds.expire", {"hold_id": hold}, i) for i in ids)
+    assert history_of(ids[0]) == [("NEW -> RETRYING", "ops:carol"), ("replayed", "ops:carol")]
+    nothing = run("dlq", "replay", "--all", "--task", "holds.*", "--yes")
+    assert nothing.exit_code == 1 and "no open dead letters match: nothing to replay" in (
+        nothing.output
+    )
+
+
+def test_discard_by_filter_with_a_dry_run_first(committed: Engine, hold: int) -> None:
+    kept = letter("refunds.submit", {"refund_id": 1}, PayloadError("invalid payload: refund_id"))
+    ids = [letter("holds.expire", {"hold_id": hold}) for _ in range(4)]
+    dry = run("dlq", "discard", "--all", "--task", "holds.*", "--reason", "stale", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "dry run: 4 matched; would be 4 discarded" in dry.output
+    assert {row(i).status for i in ids} == {"NEW"}
+    no_reason = run("dlq", "discard", "--all", "--task", "holds.*")
+    assert no_reason.exit_code == 2 and "Missing option '--reason'" in no_reason.output
+    done = run("dlq", "discard", "--all", "--task", "holds.*", "--reason", "stale", "--yes")
+    assert done.exit_code == 0 and "4 matched: 4 discarded" in done.output, done.output
+    assert {row(i).status for i in ids} == {"DISCARDED"} and row(kept).status == "NEW"
+    assert {row(i).resolution for i in ids} == {"stale"}
+    assert history_of(ids[0]) == [("NEW -> DISCARDED", "ops:carol"), ("discarded", "ops:carol")]
+    both = run("dlq", "discard", "1", "--all", "--reason", "x")
+    assert both.exit_code == 2 and "give dead letter ids, or --all" in both.output
+
+
+def history_of(letter_id: int) -> list[tuple[str, str]]:
+    with session_scope() as session:
+        return [(item["what"], item["actor"]) for item in history(session, letter_id)]
 
 
 def test_replay_with_a_corrected_payload(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from tests.conftest import service_env, wait_until
 from tests.console.conftest import PASSWORDS, new_letter
@@ -140,3 +140,40 @@ def test_a_viewer_sees_no_action_and_markup_stays_inert(console: str, browser: B
     assert page.locator("button", has_text="Discard").count() == 0
     expect(page.locator(".error-text").first).to_contain_text("<script>window.pwned=2</script>")
     assert page.evaluate("window.pwned") is None
+
+
+def test_a_bulk_replay_of_a_thousand_letters_names_its_count_before_anything_is_sent(
+    console: str,
+    browser: Browser,
+    redis: Any,
+    start_worker: Callable[..., Proc],
+    tmp_path: Path,
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, datetime.now(UTC) - timedelta(seconds=5))
+    ids = [new_letter("holds.expire", {"hold_id": hold}) for _ in range(1000)]
+    untouched = new_letter("refunds.submit", {"refund_id": 7})
+
+    page = log_in(browser, console, "alice")
+    page.fill("input[name=task]", "holds.*")
+    page.click("text=Filter")
+    page.fill("section.bulk input[name=reason]", "database is back")
+    page.click("text=Count and confirm")
+    expect(page.locator("h1")).to_have_text("Replay 1,000 dead letters?")
+    expect(page.locator("table.bulk-count")).to_contain_text("holds.expire")
+    page.screenshot(path=str(tmp_path / "console-bulk.png"), full_page=True)
+    assert statuses(ids) == {"NEW"}  # the count sent nothing, changed nothing
+    assert sum(redis.llen(q) for q in ("critical", "default", "batch")) == 0
+
+    start_worker()
+    page.get_by_role("button", name="Replay 1,000 dead letters").click()
+    expect(page.get_by_role("status")).to_contain_text("replay of 1000 dead letters queued")
+    wait_until(lambda: statuses(ids) == {"REPLAYED"}, timeout=120)
+    assert status(untouched) == "NEW"
+    with session_scope() as session:
+        assert session.get(BookingHold, hold).status == "EXPIRED"  # type: ignore[union-attr]
+
+
+def statuses(ids: list[int]) -> set[str]:
+    with session_scope() as session:
+        return set(session.scalars(select(DeadLetter.status).where(DeadLetter.id.in_(ids))))

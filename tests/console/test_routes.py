@@ -4,6 +4,7 @@ that nothing secret or live is rendered."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,13 +12,17 @@ from flask import Flask
 from sqlalchemy import select
 
 from config.settings import load_settings
+from tasks.dlq import selection_of
 from tests.console.conftest import csrf, log_in, new_letter, post
 from tests.workers.factories import add_hold
+from tests.workers.test_dlq import sent
 from workers.console import create_app
 from workers.console.auth import ConsoleConfigError
-from workers.db import session_scope
+from workers.db import Steps, session_scope
+from workers.dlq.bulk import act_on_selection
 from workers.errors import PermanentError
 from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+from workers.payloads import BulkDeadLetters, validate
 
 
 def status(letter_id: int) -> str:
@@ -149,6 +154,86 @@ def test_a_discard_needs_a_reason_and_is_audited_with_the_operators_name(
     assert post(client, f"{page}/discard", page, reason="  ").status_code == 422
     assert post(client, f"{page}/discard", page, reason="hold deleted").status_code == 302
     assert status(letter) == "DISCARDED" and audit(letter) == [("DISCARDED", "alice")]
+
+
+def test_a_bulk_replay_counts_first_then_one_task_replays_what_was_shown_as_alice(
+    console_app: Flask, redis: Any
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, datetime.now(UTC) + timedelta(hours=1))
+    ids = [new_letter("holds.expire", {"hold_id": hold}) for _ in range(30)]
+    other = new_letter("refunds.submit", {"refund_id": 7})
+    client = console_app.test_client()
+    log_in(client, "alice")
+    page = "/dead-letters?task=holds.*&status=NEW"
+    assert "Count and confirm" in client.get(page).get_data(True)
+    counted = post(
+        client,
+        "/dead-letters/bulk",
+        page,
+        action="replay",
+        reason="outage over",
+        task="holds.*",
+        status="NEW",
+    )
+    html = counted.get_data(True)
+    assert counted.status_code == 200 and "Replay 30 dead letters" in html
+    assert {status(i) for i in ids} == {"NEW"} and sent(redis) == []  # counting sends nothing
+    later = new_letter("holds.expire", {"hold_id": hold})  # arrives after the count was shown
+
+    done = client.post(
+        "/dead-letters/bulk",
+        data={
+            **dict(
+                re.findall(r'name="([a-z_]+)" value="([^"]*)"', html.split('class="confirm"')[1])
+            ),
+            "csrf_token": csrf(html),
+        },
+    )
+    assert done.status_code == 302 and done.headers["Location"].startswith("/dead-letters?")
+    [(name, payload, _)] = sent(redis)
+    assert name == "dlq.bulk"
+    assert (payload["action"], payload["actor"], payload["task"]) == ("replay", "alice", "holds.*")
+    assert payload["up_to_id"] == max(ids)
+    redis.delete("default")
+    bulk = validate(BulkDeadLetters, payload)
+    with session_scope() as session:  # what the worker's dlq.bulk runs
+        counts = act_on_selection(
+            Steps(session),
+            selection_of(bulk),
+            bulk.action,
+            actor=bulk.actor,
+            reason=bulk.reason,
+            now=datetime.now(UTC),
+        )
+    assert (counts.taken, counts.replayed) == (30, 30)
+    assert {status(i) for i in ids} == {"RETRYING"} and status(later) == status(other) == "NEW"
+    assert audit(ids[0]) == [("RETRYING", "alice")]
+
+
+def test_a_bulk_action_needs_an_operator_and_a_reason(console_app: Flask, redis: Any) -> None:
+    letter = new_letter("holds.expire", {"hold_id": 1})
+    client = console_app.test_client()
+    log_in(client, "victor")
+    page = "/dead-letters"
+    assert "Count and confirm" not in client.get(page).get_data(True)
+    forged = post(client, "/dead-letters/bulk", page, action="discard", reason="x", confirm="yes")
+    assert forged.status_code == 403
+    client = console_app.test_client()
+    log_in(client, "alice")
+    blank = post(client, "/dead-letters/bulk", page, action="discard", reason=" ")
+    assert blank.status_code == 302
+    assert "a bulk discard needs a reason" in client.get(blank.headers["Location"]).get_data(True)
+    tampered = post(
+        client,
+        "/dead-letters/bulk",
+        page,
+        action="discard",
+        reason="x",
+        confirm="yes",
+        as_of_ms="-5",
+    )
+    assert tampered.status_code == 302 and sent(redis) == [] and status(letter) == "NEW"
 
 
 def test_a_viewer_sees_no_actions_and_a_forged_post_is_forbidden(

@@ -16,6 +16,8 @@ from sqlalchemy import Engine, func, select
 from tests.workers.factories import add_hold
 from workers.db import Steps, new_session, session_scope
 from workers.dead_letters import HEADER, record_dead_letter
+from workers.dlq.browse import Filters
+from workers.dlq.bulk import Selection, act_on_selection, preview
 from workers.dlq.replay import ReplayError, discard, replay
 from workers.dlq.rules import RULES, Rule
 from workers.dlq.triage import TriagePolicy, triage
@@ -76,7 +78,7 @@ def sent(redis: redis_lib.Redis) -> list[tuple[str, dict[str, Any], Any]]:
 def dispatched(redis: redis_lib.Redis) -> list[tuple[str, dict[str, Any], Any]]:
     """Run the `dlq.dispatch` tasks triage queued, as a worker would, and return the replay
     messages then waiting (the dispatch messages themselves taken off the queue)."""
-    from workers.dlq.triage import dispatch
+    from workers.dlq.bulk import dispatch
 
     chunks = [
         kwargs["dead_letter_ids"] for name, kwargs, _ in sent(redis) if name == "dlq.dispatch"
@@ -374,3 +376,105 @@ def test_triage_runs_on_the_embedded_sqlite_default_too(any_db: Any) -> None:
     }
     assert rows[ids[0]] == ("DISCARDED", f"replay unnecessary: hold {final.id} is already EXPIRED")
     assert rows[ids[1]][0] == "DISCARDED" and rows[ids[2]] == ("MANUAL_REVIEW", None)
+
+
+def bulk(actor: str, batch_size: int = 50, **filters: Any) -> Any:
+    with session_scope() as session:
+        return act_on_selection(
+            Steps(session),
+            Selection(Filters(**filters), T0 + timedelta(hours=1)),
+            "replay",
+            actor=actor,
+            reason="gateway is back",
+            now=T0 + timedelta(hours=1),
+            batch_size=batch_size,
+        )
+
+
+def test_two_bulk_replays_over_the_same_letters_replay_each_exactly_once(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        holds = [add_hold(session, T0 + timedelta(hours=2)) for _ in range(60)]
+    ids = [letter("holds.expire", {"hold_id": hold}) for hold in holds for _ in range(5)]
+    barrier = threading.Barrier(2)
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run(actor: str) -> None:
+        try:
+            barrier.wait()
+            results[actor] = bulk(actor, batch_size=20, task="holds.*")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("alice", "bob")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    headers = [header for _, _, header in dispatched(redis)]
+    assert sorted(headers) == sorted(ids)  # every letter sent once, none twice
+    assert results["alice"].replayed + results["bob"].replayed == len(ids)
+    with session_scope() as session:
+        events = session.execute(
+            select(DeadLetterEvent.dead_letter_id, DeadLetterEvent.actor).where(
+                DeadLetterEvent.action == "replayed"
+            )
+        ).all()
+        moves = session.execute(
+            select(StateTransition.entity_id, StateTransition.actor).where(
+                StateTransition.entity == "dead_letters",
+                StateTransition.to_status == "RETRYING",
+            )
+        ).all()
+        replays = set(session.scalars(select(DeadLetter.replays).where(DeadLetter.id.in_(ids))))
+    # Audited once per letter, with the name of the run that replayed it.
+    assert sorted(letter_id for letter_id, _ in events) == sorted(ids)
+    assert sorted(moves) == sorted(events)
+    for actor, result in results.items():
+        assert sum(1 for _, who in events if who == actor) == result.replayed
+    assert replays == {1}
+
+
+def test_a_bulk_replay_closes_what_has_nothing_left_to_do_and_takes_no_later_letter(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        open_hold = add_hold(session, T0 + timedelta(hours=2))
+        done_hold = add_hold(session, T0 + timedelta(hours=2), status="CONFIRMED")
+    wanted = letter("holds.expire", {"hold_id": open_hold})
+    finished = letter("holds.expire", {"hold_id": done_hold})
+    with session_scope() as session:
+        seen = preview(session, Selection(Filters(task="holds.*"), T0), "replay")
+    assert (seen.count, seen.up_to, seen.by_task) == (2, finished, [("holds.expire", 2)])
+    later = letter("holds.expire", {"hold_id": open_hold})  # arrives after the count was shown
+    with session_scope() as session:
+        counts = act_on_selection(
+            Steps(session),
+            Selection(Filters(task="holds.*"), T0, up_to=seen.up_to),
+            "replay",
+            actor="alice",
+            reason="gateway is back",
+            now=T0,
+        )
+    assert counts.as_dict() == {"taken": 2, "replayed": 1, "unnecessary": 1, "discarded": 0}
+    assert [row(i).status for i in (wanted, finished, later)] == ["RETRYING", "DISCARDED", "NEW"]
+    assert row(finished).resolution.startswith("replay unnecessary: ")  # type: ignore[union-attr]
+    assert [header for _, _, header in dispatched(redis)] == [wanted]
+
+
+def test_triage_leaves_an_event_on_every_letter_it_decides(
+    committed: Engine, redis: redis_lib.Redis
+) -> None:
+    with session_scope() as session:
+        hold = add_hold(session, T0 + timedelta(hours=1))
+    replayed = letter("holds.expire", {"hold_id": hold})
+    manual = letter("refunds.submit", {"refund_id": 1}, PayloadError("invalid payload: x"))
+    run_triage()
+    with session_scope() as session:
+        events = dict(
+            session.execute(select(DeadLetterEvent.dead_letter_id, DeadLetterEvent.action)).all()
+        )
+    assert events == {replayed: "replayed", manual: "manual_review"}

@@ -11,13 +11,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import click
-from sqlalchemy import Select
 
 from workers.dlq import browse
 from workers.models import CLASSIFICATIONS as CLASSES
 from workers.models import DEAD_LETTER_STATUSES as STATUSES
-
-CHUNK = 500  # letters replayed per transaction by `replay --all`
 
 
 def duration(value: str | None) -> timedelta | None:
@@ -41,6 +38,7 @@ def filters(func_: Any) -> Any:
             "--error", help="Exception class name (PayloadError), or text in the message."
         ),
         click.option("--classification", type=click.Choice(CLASSES)),
+        click.option("--rule", help="The triage rule that decided the letter (see dlq list)."),
         click.option("--older-than", help="Only letters older than this (30m, 6h, 2d)."),
         click.option("--newer-than", help="Only letters newer than this."),
     ]
@@ -49,23 +47,25 @@ def filters(func_: Any) -> Any:
     return func_
 
 
-def selection(
-    now: datetime,
+def chosen(
     task: str | None,
     statuses: tuple[str, ...],
     error: str | None,
     classification: str | None,
+    rule: str | None,
     older_than: str | None,
     newer_than: str | None,
-) -> Select[Any]:
+) -> browse.Filters:
+    """The filters as given on the command line."""
     return browse.Filters(
         task=task,
         statuses=statuses,
         error=error,
         classification=classification,
+        rule=rule,
         older_than=duration(older_than),
         newer_than=duration(newer_than),
-    ).select(now)
+    )
 
 
 def letter_dict(letter: Any, *, full: bool = False) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
     from workers.db import session_scope
 
     now = utcnow()
-    query = selection(now, **given)
+    query = chosen(**given).select(now)
     with session_scope() as session:
         groups = [astuple(group) for group in browse.groups(session, query)]
         rows = [letter_dict(letter) for letter in browse.page(session, query, limit=limit)]
@@ -221,58 +221,122 @@ def dlq_replay(
     **given: Any,
 ) -> None:
     """Replay dead letters by id, or --all that the filters select (NEW and MANUAL_REVIEW
-    unless --status says otherwise). Each replay first checks that there is still work to do:
+    unless --status narrows it). Each replay first checks that there is still work to do:
     a refund already COMPLETED, a hold already final, is recorded as unnecessary, not run."""
-    from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
-    from workers.base import utcnow
-    from workers.db import new_session
-    from workers.dlq.replay import ReplayError, replay
-    from workers.models import DeadLetter
-
     if bool(letter_ids) == replay_all:
         raise click.UsageError("give dead letter ids, or --all with filters")
     if (edit or new_payload is not None) and len(letter_ids) != 1:
         raise click.UsageError("--edit and --payload replay exactly one dead letter by id")
-    now = utcnow()
+    if replay_all:
+        in_bulk(
+            "replay", given, actor=actor, reason=reason, dry_run=dry_run, yes=yes, as_json=as_json
+        )
+        return
+    by_id(
+        letter_ids, edit, new_payload, actor=actor, reason=reason, dry_run=dry_run, as_json=as_json
+    )
+
+
+def by_id(
+    letter_ids: tuple[int, ...],
+    edit: bool,
+    new_payload: str | None,
+    *,
+    actor: str,
+    reason: str,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Replay the letters an operator named, each with its own outcome."""
+    from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
+    from workers.base import utcnow
+    from workers.db import new_session
+    from workers.dlq.replay import ReplayError, replay
+
     session = new_session()
     try:
-        if replay_all:
-            if not given["statuses"]:
-                given["statuses"] = ("NEW", "MANUAL_REVIEW")
-            query = selection(now, **given).with_only_columns(DeadLetter.id)
-            letter_ids = tuple(session.scalars(query.order_by(DeadLetter.id)))
-            session.rollback()
-            if not letter_ids:
-                raise click.ClickException("no dead letters match")
-            if not (dry_run or yes):
-                if not sys.stdin.isatty():
-                    raise click.ClickException(
-                        f"refusing to replay {len(letter_ids)} dead letters without --yes"
-                    )
-                click.confirm(f"replay {len(letter_ids)} dead letters?", abort=True)
         edited = None
         if edit or new_payload is not None:
             edited = edited_payload(session, letter_ids[0], new_payload)
-        outcomes = []
-        shown = not as_json and len(letter_ids) > CHUNK
-        for start in range(0, len(letter_ids), CHUNK):
-            chunk = list(letter_ids[start : start + CHUNK])
-            try:
-                outcomes += replay(session, chunk, actor=actor, reason=reason, now=now, edit=edited)
-            except ReplayError as exc:
-                raise click.ClickException(str(exc)) from None
-            if dry_run:
-                session.rollback()
-            else:
-                session.commit()
-            if shown:
-                click.echo(f"  {min(start + CHUNK, len(letter_ids))}/{len(letter_ids)}", err=True)
+        try:
+            outcomes = replay(
+                session, list(letter_ids), actor=actor, reason=reason, now=utcnow(), edit=edited
+            )
+        except ReplayError as exc:
+            raise click.ClickException(str(exc)) from None
+        if dry_run:
+            session.rollback()
+        else:
+            session.commit()
     finally:
         session.rollback()
         session.close()
     report(outcomes, dry_run, as_json)
-    if any(outcome.outcome in ("not_found",) for outcome in outcomes):
+    if any(outcome.outcome == "not_found" for outcome in outcomes):
         sys.exit(1)
+
+
+def in_bulk(
+    action: str,
+    given: dict[str, Any],
+    *,
+    actor: str,
+    reason: str,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Every open letter the filters select, through the batched path the console and the
+    `dlq.bulk` task take: counted first, confirmed, then acted on in committed batches of
+    5,000 (progress on stderr). A dry run takes the same path and rolls every batch back."""
+    from workers import celery_app  # noqa: F401  (the after-commit sends need the app)
+    from workers.base import utcnow
+    from workers.db import DryRunSteps, Steps, new_session
+    from workers.dlq.bulk import Selection, act_on_selection, preview
+
+    now = utcnow()
+    session = new_session()
+    try:
+        selection = Selection(chosen(**given), now)
+        seen = preview(session, selection, action)
+        session.rollback()
+        if seen.count == 0:
+            raise click.ClickException(f"no open dead letters match: nothing to {action}")
+        selection = Selection(selection.filters, now, up_to=seen.up_to)
+        if not (dry_run or yes):
+            if not sys.stdin.isatty():
+                raise click.ClickException(
+                    f"refusing to {action} {seen.count} dead letters without --yes"
+                )
+            click.confirm(f"{action} {seen.count} dead letters?", abort=True)
+        shown = not as_json and seen.count > BATCH_SHOWN
+
+        def progress(counts: Any) -> None:
+            if shown:
+                click.echo(f"  {counts.taken}/{seen.count}", err=True)
+
+        steps = DryRunSteps(session) if dry_run else Steps(session)
+        counts = act_on_selection(
+            steps, selection, action, actor=actor, reason=reason, now=now, progress=progress
+        )
+    finally:
+        session.rollback()
+        session.close()
+    result = {"dry_run": dry_run, "action": action, "matched": seen.count, **counts.as_dict()}
+    if as_json:
+        click.echo(json.dumps({**result, "by_task": dict(seen.by_task)}))
+        return
+    if action == "replay":
+        done = f"{counts.replayed} replayed, {counts.unnecessary} unnecessary (closed)"
+    else:
+        done = f"{counts.discarded} discarded"
+    if dry_run:
+        click.echo(f"dry run: {seen.count} matched; would be {done}; nothing changed or sent")
+    else:
+        click.echo(f"{seen.count} matched: {done}")
+
+
+BATCH_SHOWN = 5000  # progress is shown for actions larger than one batch
 
 
 def edited_payload(session: Any, letter_id: int, given: str | None) -> dict[str, Any]:
@@ -306,7 +370,7 @@ def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "outcomes": [o.as_dict() for o in outcomes]}))
         return
-    verbs = {"replayed": "would replay" if dry_run else "replayed"}
+    verbs = {"replayed": "would replay", "discarded": "would discard"} if dry_run else {}
     totals: dict[str, int] = {}
     for outcome in outcomes:
         totals[outcome.outcome] = totals.get(outcome.outcome, 0) + 1
@@ -325,21 +389,49 @@ def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
 
 
 @dlq.command("discard")
-@click.argument("letter_ids", nargs=-1, type=int, required=True)
+@click.argument("letter_ids", nargs=-1, type=int)
+@click.option("--all", "discard_all", is_flag=True, help="Every open letter the filters select.")
+@filters
+@click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
 @click.option("--reason", required=True, help="Why: kept with the letter.")
 @click.option("--actor", default=default_actor, show_default="$BACKSTOP_ACTOR or cli:$USER")
+@click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
-def dlq_discard(letter_ids: tuple[int, ...], reason: str, actor: str, as_json: bool) -> None:
-    """Close open dead letters for good, with a reason."""
+def dlq_discard(
+    letter_ids: tuple[int, ...],
+    discard_all: bool,
+    dry_run: bool,
+    reason: str,
+    actor: str,
+    yes: bool,
+    as_json: bool,
+    **given: Any,
+) -> None:
+    """Close open dead letters for good, with a reason: by id, or --all that the filters
+    select (NEW, MANUAL_REVIEW and RETRYING unless --status narrows it)."""
     from workers.base import utcnow
-    from workers.db import session_scope
+    from workers.db import new_session
     from workers.dlq.replay import ReplayError, discard
 
+    if bool(letter_ids) == discard_all:
+        raise click.UsageError("give dead letter ids, or --all with filters")
+    if discard_all:
+        in_bulk(
+            "discard", given, actor=actor, reason=reason, dry_run=dry_run, yes=yes, as_json=as_json
+        )
+        return
+    session = new_session()
     try:
-        with session_scope() as session:
-            outcomes = discard(session, list(letter_ids), actor=actor, reason=reason, now=utcnow())
+        outcomes = discard(session, list(letter_ids), actor=actor, reason=reason, now=utcnow())
+        if dry_run:
+            session.rollback()
+        else:
+            session.commit()
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
-    report(outcomes, False, as_json)
+    finally:
+        session.rollback()
+        session.close()
+    report(outcomes, dry_run, as_json)
     if any(outcome.outcome == "not_found" for outcome in outcomes):
         sys.exit(1)

@@ -27,9 +27,12 @@ from workers.base import utcnow
 from workers.console.auth import User
 from workers.db import session_scope
 from workers.dlq import browse
+from workers.dlq.bulk import BATCH, Selection, preview
 from workers.dlq.replay import ReplayError, discard, payload_diff, replay, validate_for
+from workers.errors import PayloadError
+from workers.messaging.enqueue import send
 from workers.models import CLASSIFICATIONS, DEAD_LETTER_STATUSES, DeadLetter
-from workers.payloads import Payload
+from workers.payloads import BulkDeadLetters, Payload, validate
 
 bp = Blueprint("console", __name__)
 
@@ -113,6 +116,14 @@ def duration(value: str | None) -> timedelta | None:
         return None
 
 
+FILTER_FIELDS = ("task", "status", "classification", "error", "rule", "older", "newer")
+
+
+def filter_args(args: Any) -> dict[str, list[str]]:
+    """The filter fields of a query string or form, to carry from page to page."""
+    return {key: [v for v in args.getlist(key) if v] for key in FILTER_FIELDS if args.get(key)}
+
+
 def filters_from(args: Any) -> browse.Filters:
     return browse.Filters(
         task=args.get("task") or None,
@@ -156,6 +167,7 @@ def letters() -> Any:
         letters=shown,
         more=more,
         args=request.args,
+        carried=filter_args(request.args),
         statuses=DEAD_LETTER_STATUSES,
         classifications=CLASSIFICATIONS,
     )
@@ -242,3 +254,72 @@ def discard_letter(letter_id: int) -> Any:
         [outcome] = discard(db, [letter_id], actor=g.user.name, reason=reason, now=utcnow())
     flash(f"dead letter {letter_id}: {outcome.outcome} {outcome.detail}".strip())
     return redirect(url_for("console.letter", letter_id=letter_id))
+
+
+@bp.post("/dead-letters/bulk")
+@operator
+def bulk() -> Any:
+    """Replay or discard every open letter the current filter selects: first the count (by
+    task) and a confirmation that names it; confirmed, one `dlq.bulk` task takes the letters
+    the operator was shown (no later one) through the batched path `backstop dlq replay
+    --all` takes, with the operator's name on every letter."""
+    action = request.form.get("action")
+    if action not in ("replay", "discard"):
+        abort(400)
+    back = url_for("console.letters", **filter_args(request.form))
+    reason = (request.form.get("reason") or "").strip()
+    if not reason:
+        flash(f"a bulk {action} needs a reason: nothing done")
+        return redirect(back)
+    chosen = filters_from(request.form)
+    if request.form.get("confirm") == "yes":
+        return confirmed_bulk(action, reason, chosen, back)
+    now = utcnow()
+    with session_scope() as db:
+        seen = preview(db, Selection(chosen, now), action)
+    if seen.count == 0:
+        flash(f"no open dead letters match: nothing to {action}")
+        return redirect(back)
+    return render_template(
+        "bulk.html",
+        action=action,
+        reason=reason,
+        seen=seen,
+        as_of_ms=int(now.timestamp() * 1000),
+        carried=filter_args(request.form),
+        back=back,
+        batch=BATCH,
+    )
+
+
+def confirmed_bulk(action: str, reason: str, chosen: browse.Filters, back: str) -> Any:
+    def seconds(value: timedelta | None) -> int | None:
+        return None if value is None else int(value.total_seconds())
+
+    count = request.form.get("count", type=int)
+    payload = {
+        "action": action,
+        "actor": g.user.name,
+        "reason": reason,
+        "as_of_ms": request.form.get("as_of_ms", type=int),
+        "up_to_id": request.form.get("up_to", type=int),
+        "task": chosen.task,
+        "statuses": list(chosen.statuses),
+        "error": chosen.error,
+        "classification": chosen.classification,
+        "rule": chosen.rule,
+        "older_than_seconds": seconds(chosen.older_than),
+        "newer_than_seconds": seconds(chosen.newer_than),
+    }
+    try:  # a tampered form is refused here, not by the worker
+        validate(BulkDeadLetters, payload)
+    except PayloadError as exc:
+        flash(f"not queued: {exc}")
+        return redirect(back)
+    send("dlq.bulk", payload)
+    done = "RETRYING, then REPLAYED," if action == "replay" else "DISCARDED"
+    flash(
+        f"{action} of {count} dead letters queued (as {g.user.name}, reason: {reason}); "
+        f"a worker takes them in batches of {BATCH:,} and they show as {done} as it goes"
+    )
+    return redirect(back)

@@ -9,7 +9,7 @@ from workers.db.engine import (
     session_scope,
 )
 from workers.db.locks import claim, is_postgres
-from workers.db.steps import Steps, steps_on_one_connection
+from workers.db.steps import DryRunSteps, Steps, steps_on_one_connection
 from workers.db.transitions import (
     MACHINES,
     InvalidTransition,
@@ -20,6 +20,7 @@ from workers.db.transitions import (
 
 __all__ = [
     "MACHINES",
+    "DryRunSteps",
     "InvalidTransition",
     "Steps",
     "Transition",

@@ -37,6 +37,18 @@ class Steps:
         self.session.rollback()
 
 
+class DryRunSteps(Steps):
+    """Steps whose every step is rolled back at its end: a dry run takes the same path as the
+    real one and leaves nothing behind (what a step asked to send after commit is dropped)."""
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[Session]:
+        try:
+            yield self.session
+        finally:
+            self.session.rollback()
+
+
 @contextlib.contextmanager
 def steps_on_one_connection(session: Session) -> Iterator[Steps]:
     """Steps for a long run that commits every batch (a reconciliation run): on one connection

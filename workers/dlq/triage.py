@@ -13,17 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, column, select, update, values
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from workers.application import app
-from workers.db import Steps, claim, is_postgres, transition_batch
-from workers.dead_letters import (
-    HEADER,
-)
+from workers.db import Steps, claim, transition_batch
+from workers.dead_letters import add_events, event
+from workers.dlq.bulk import record_resolutions, send_replays
 from workers.dlq.replay import UNNECESSARY, run_prechecks
 from workers.dlq.rules import RULES, Rule, match
-from workers.messaging.enqueue import enqueue_after_commit, send
 from workers.models import DeadLetter
 
 log = logging.getLogger("backstop.dlq")
@@ -153,7 +150,6 @@ def triage_batch(
     resolutions = precheck_replays(session, replays, decided, actor, counts)
     apply_decisions(session, decided, now, actor, counts)
     record_resolutions(session, resolutions)
-    send_replays(session, decided)
     return len(rows)
 
 
@@ -211,9 +207,16 @@ def precheck_replays(
     return resolutions
 
 
+# The event each decision leaves on its letters, beside the audited transition.
+EVENTS = {"RETRYING": "replayed", "MANUAL_REVIEW": "manual_review", "DISCARDED": "discarded"}
+
+
 def apply_decisions(
     session: Session, decided: Decisions, now: datetime, actor: str, counts: TriageCounts
 ) -> None:
+    """One audited batch transition per decision, one INSERT of events for the batch (the
+    same events an operator's replay or discard leaves), and the replays dispatched."""
+    events, replaying = [], []
     for (to, rule_name, reason), ids in decided.items():
         assign: dict[str, Any] = {"rule": rule_name}
         if to == "RETRYING":
@@ -231,56 +234,14 @@ def apply_decisions(
             now=now,
             values=assign,
         )
+        action = "replay_unnecessary" if rule_name == "precheck" else EVENTS[to]
+        events += [event(i, action, actor, reason, now, rule=rule_name) for i in moved]
         if to == "RETRYING":
             counts.replayed += len(moved)
+            replaying += moved
         elif to == "MANUAL_REVIEW":
             counts.manual_review += len(moved)
         elif rule_name != "precheck":
             counts.discarded += len(moved)
-
-
-def record_resolutions(session: Session, resolutions: dict[int, str]) -> None:
-    """Each letter's own resolution (what its precheck said), in one statement."""
-    if resolutions and not is_postgres(session):  # SQLite: no column list on VALUES
-        session.execute(
-            update(DeadLetter),
-            [{"id": key, "resolution": why} for key, why in resolutions.items()],
-        )
-    elif resolutions:  # one UPDATE ... FROM (VALUES ...), not one statement per letter
-        given = values(column("id", DeadLetter.id.type), column("why", Text()), name="given").data(
-            list(resolutions.items())
-        )
-        session.execute(
-            update(DeadLetter)
-            .where(DeadLetter.id == given.c.id)
-            .values(resolution=given.c.why)
-            .execution_options(synchronize_session=False)
-        )
-
-
-def send_replays(session: Session, decided: Decisions) -> None:
-    """The replays go out through `dlq.dispatch` tasks, a few hundred letters each, so that the
-    workers send them in parallel and a triage of a large backlog is not spent sending."""
-    replaying = sorted(
-        letter_id for (to, _, _), ids in decided.items() if to == "RETRYING" for letter_id in ids
-    )
-    for start in range(0, len(replaying), DISPATCH_CHUNK):
-        chunk = replaying[start : start + DISPATCH_CHUNK]
-        enqueue_after_commit(session, "dlq.dispatch", {"dead_letter_ids": chunk})
-
-
-DISPATCH_CHUNK = 500
-
-
-def dispatch(session: Session, letter_ids: Sequence[int]) -> int:
-    """Send the replays of these letters that are still RETRYING (one of them discarded
-    meanwhile is not sent). Sent now, on one producer: the letters were committed by triage."""
-    rows = session.execute(
-        select(DeadLetter.id, DeadLetter.task_name, DeadLetter.payload)
-        .where(DeadLetter.id.in_(list(letter_ids)), DeadLetter.status == "RETRYING")
-        .order_by(DeadLetter.id)
-    ).all()
-    with app.producer_or_acquire() as producer:
-        for row in rows:
-            send(row.task_name, row.payload, headers={HEADER: row.id}, producer=producer)
-    return len(rows)
+    add_events(session, events)
+    send_replays(session, sorted(replaying))
