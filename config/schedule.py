@@ -11,6 +11,10 @@ from config.settings import Settings, parse_cron
 
 CHECK_SCHEDULES_EVERY = timedelta(minutes=5)
 
+# Jobs that run every few seconds and keep one heartbeat row per hour (`ctx.heartbeat`) instead
+# of claiming a slot per run: there is no slot to "run now" for them.
+HEARTBEAT_JOBS = frozenset({"holds.sweep_expired", "notifications.sweep_outbox"})
+
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, object]]:
     sweep = settings.HOLD_SWEEP_SECONDS
@@ -121,13 +125,27 @@ def schedule_windows(settings: Settings) -> dict[str, timedelta]:
     }
 
 
-def current_slot(job_name: str, settings: Settings, now: datetime) -> datetime:
-    """The schedule slot a run of `job_name` at `now` belongs to: the latest time its beat entry
-    fired at or before `now` (a cron in TIMEZONE, or a multiple of its interval), in UTC."""
+def beat_entry(job_name: str, settings: Settings) -> dict[str, object]:
     entry = next((e for e in beat_schedule(settings).values() if e["task"] == job_name), None)
     if entry is None:
         raise KeyError(f"{job_name} is not a scheduled job")
-    schedule = entry["schedule"]
+    return entry
+
+
+def next_due(job_name: str, settings: Settings, now: datetime) -> datetime:
+    """When the beat entry of `job_name` next fires after `now`, in UTC."""
+    schedule = beat_entry(job_name, settings)["schedule"]
+    if isinstance(schedule, timedelta):
+        return current_slot(job_name, settings, now) + schedule
+    assert isinstance(schedule, crontab)
+    local = now.astimezone(ZoneInfo(settings.TIMEZONE))
+    return _next_run(schedule, local).astimezone(UTC)
+
+
+def current_slot(job_name: str, settings: Settings, now: datetime) -> datetime:
+    """The schedule slot a run of `job_name` at `now` belongs to: the latest time its beat entry
+    fired at or before `now` (a cron in TIMEZONE, or a multiple of its interval), in UTC."""
+    schedule = beat_entry(job_name, settings)["schedule"]
     if isinstance(schedule, timedelta):
         step = schedule.total_seconds()
         return datetime.fromtimestamp(now.timestamp() // step * step, tz=UTC)

@@ -88,12 +88,19 @@ def last_finished(session: Session) -> dict[str, datetime]:
 
 
 def claim_slot(
-    session: Session, job_name: str, slot: datetime, *, task_id: str | None, now: datetime
+    session: Session,
+    job_name: str,
+    slot: datetime,
+    *,
+    task_id: str | None,
+    now: datetime,
+    requested_by: str | None = None,
 ) -> bool:
     """Take this job's run for one schedule slot: its `job_runs` row, keyed by (job, slot),
     written now and committed with the run's first commit. Whoever comes second for the same
     slot (a second beat, a manual run) finds it taken and does nothing; the same task coming
-    back (a retry, a redelivery after a crash) carries on with its own slot."""
+    back (a retry, a redelivery after a crash) carries on with its own slot. An operator's run
+    now claims the slot first, for the task id it then sends (`workers/ops/schedules.py`)."""
     inserted = insert_ignore(
         session,
         JobRun,
@@ -104,6 +111,7 @@ def claim_slot(
             "runs": 1,
             "counts": {},
             "task_id": task_id,
+            "requested_by": requested_by,
         },
         conflict=["job_name", "bucket"],
         where=JobRun.bucket.isnot(None),

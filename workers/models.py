@@ -176,6 +176,10 @@ class Refund(Timestamps, Base):
     in_flight_until: Mapped[datetime | None]
     # When the retry job last took this refund on; it waits a full interval before the next.
     last_retry_at: Mapped[datetime | None]
+    # A person resolved its manual review (refunded another way, confirmed at the gateway):
+    # when and how. The retry job and the escalation never take a resolved refund again.
+    resolved_at: Mapped[datetime | None]
+    resolution: Mapped[str | None] = mapped_column(Text)
 
 
 NOTIFICATION_STATUSES = ("PENDING", "SENT", "DEAD")
@@ -262,6 +266,7 @@ class DeadLetter(Timestamps, Base):
         ),
         Index("ix_dead_letters_status_created_at", "status", "created_at"),
         Index("ix_dead_letters_task_name", "task_name"),
+        Index("ix_dead_letters_created_at", "created_at"),
         Index(
             "ix_dead_letters_new",
             "id",
@@ -347,6 +352,8 @@ class JobRun(Base):
     counts: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
     error: Mapped[str | None] = mapped_column(Text)
     task_id: Mapped[str | None] = mapped_column(String(64))
+    # Who asked for this run, when a person did (`backstop jobs run`, the console's run now).
+    requested_by: Mapped[str | None] = mapped_column(String(128))
 
 
 RUN_STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED")
@@ -406,6 +413,8 @@ class ReconciliationSeen(Base):
 
 
 DISCREPANCY_TYPES = ("MISSING_IN_DB", "STATUS_MISMATCH", "AMOUNT_MISMATCH", "MISSING_AT_GATEWAY")
+# A finding's review by a person: OPEN until someone acknowledges (is on it) or resolves it.
+DISCREPANCY_STATUSES = ("OPEN", "ACKNOWLEDGED", "RESOLVED")
 
 
 class ReconciliationDiscrepancy(Base):
@@ -417,6 +426,8 @@ class ReconciliationDiscrepancy(Base):
         ),
         # A payment listed twice (offset paging shifts) is one finding per run.
         UniqueConstraint("run_id", "type", "gateway_payment_id"),
+        CheckConstraint(_statuses(*DISCREPANCY_STATUSES), name="status"),
+        Index("ix_reconciliation_discrepancies_run_id_status", "run_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -429,13 +440,20 @@ class ReconciliationDiscrepancy(Base):
     # True when the run corrected the database (a safe, forward status change); False when
     # the finding waits for a person.
     fixed: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # The person's review, moved by the audited transition helper (`state_transitions`).
+    status: Mapped[str] = mapped_column(String(16), server_default="OPEN")
+    updated_at: Mapped[datetime] = mapped_column(server_default=NOW)
 
 
 class StateTransition(Base):
     """The audit trail of every status change, written by `workers.db.transition`."""
 
     __tablename__ = "state_transitions"
-    __table_args__ = (Index("ix_state_transitions_entity", "entity", "entity_id"),)
+    __table_args__ = (
+        Index("ix_state_transitions_entity", "entity", "entity_id"),
+        # The console's charts: an entity's changes over the last hours or days.
+        Index("ix_state_transitions_entity_at", "entity", "at"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     entity: Mapped[str] = mapped_column(String(32))

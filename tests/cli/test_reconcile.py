@@ -8,9 +8,12 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from click.testing import CliRunner
 from sqlalchemy import Engine, insert
 
 from tests.conftest import service_env
+from tests.workers.test_reconciliation_review import add_run
+from workers.cli import main
 from workers.db import session_scope
 from workers.models import Payment
 
@@ -113,3 +116,21 @@ def test_a_day_reconciled_with_a_report_and_shown_again(
     assert shown.returncode == 0
     assert f"run {run['run_id']}: razorpay" in shown.stdout
     assert "MISSING_IN_DB" in shown.stdout and "REVIEW" in shown.stdout and stranger in shown.stdout
+
+
+def test_runs_findings_and_their_review_from_the_command_line(committed: Any) -> None:
+    run_id, ids = add_run(findings=3, fixed=1)
+    cli = CliRunner()
+    env = {"BACKSTOP_ACTOR": "ops:carol"}
+    runs = json.loads(cli.invoke(main, ["reconcile", "runs", "--json"], env=env).output)
+    assert [(r["id"], r["waiting"]) for r in runs] == [(run_id, 2)]
+    waiting = cli.invoke(main, ["reconcile", "findings", str(run_id), "--waiting", "--json"])
+    assert [f["id"] for f in json.loads(waiting.output)] == ids[1:]
+    done = cli.invoke(main, ["reconcile", "resolve", *map(str, ids[1:]), "--reason", "ok"], env=env)
+    assert done.exit_code == 0 and f"finding {ids[2]}: RESOLVED" in done.output
+    again = cli.invoke(main, ["reconcile", "acknowledge", str(ids[1]), "--reason", "x"], env=env)
+    assert f"finding {ids[1]} is RESOLVED: not ACKNOWLEDGED" in again.output
+    blank = cli.invoke(main, ["reconcile", "resolve", str(ids[0]), "--reason", " "], env=env)
+    assert blank.exit_code == 1 and "resolving needs a reason" in blank.output
+    shown = cli.invoke(main, ["reconcile", "--show", str(run_id)])
+    assert shown.exit_code == 0 and "RESOLVED" in shown.output

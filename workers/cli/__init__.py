@@ -15,8 +15,10 @@ from workers.cli.db import db
 from workers.cli.devtools import demo, notify_sandbox, simulator
 from workers.cli.dlq import dlq
 from workers.cli.health import health
+from workers.cli.jobs import jobs
 from workers.cli.metrics import metrics
 from workers.cli.reconcile import reconcile
+from workers.cli.refunds import refunds
 from workers.cli.schemas import tasks
 from workers.cli.settings import config_group
 
@@ -40,6 +42,8 @@ for command in (
     demo,
     tasks,
     dlq,
+    refunds,
+    jobs,
     metrics,
     console,
 ):

@@ -105,7 +105,8 @@ def demo_seed(as_json: bool) -> None:
     if refunds:
         click.echo(
             f"demo: seeded {len(refunds)} refunds (Razorpay and Stripe, on the local "
-            "simulator); each fails once and is retried to completion",
+            "simulator); two fail once and are retried to completion, one waits in manual "
+            "review (console: Refunds)",
             err=True,
         )
     if ids:

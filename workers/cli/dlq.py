@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import sys
 from dataclasses import astuple
 from datetime import datetime, timedelta
@@ -12,6 +10,7 @@ from typing import Any
 
 import click
 
+from workers.cli.options import actor_option
 from workers.dlq import browse
 from workers.models import CLASSIFICATIONS as CLASSES
 from workers.models import DEAD_LETTER_STATUSES as STATUSES
@@ -24,10 +23,6 @@ def duration(value: str | None) -> timedelta | None:
         return browse.parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def default_actor() -> str:
-    return os.environ.get("BACKSTOP_ACTOR") or f"cli:{getpass.getuser()}"
 
 
 def filters(func_: Any) -> Any:
@@ -204,7 +199,7 @@ def dlq_show(letter_id: int, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Say what would happen; change and send nothing.")
 @click.option("--edit", is_flag=True, help="Edit the payload in $EDITOR first (one letter).")
 @click.option("--payload", "new_payload", help="Replay with this JSON payload (one letter).")
-@click.option("--actor", default=default_actor, show_default="$BACKSTOP_ACTOR or cli:$USER")
+@actor_option
 @click.option("--reason", default="manual replay", show_default=True)
 @click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
@@ -394,7 +389,7 @@ def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
 @filters
 @click.option("--dry-run", is_flag=True, help="Say what would happen; change nothing.")
 @click.option("--reason", required=True, help="Why: kept with the letter.")
-@click.option("--actor", default=default_actor, show_default="$BACKSTOP_ACTOR or cli:$USER")
+@actor_option
 @click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
 def dlq_discard(

@@ -207,7 +207,14 @@ def print_run(report: dict[str, Any], found: Any) -> None:
     for row in found:
         details = " ".join(f"{key}={value}" for key, value in sorted(row["details"].items()))
         click.echo(
-            f"  {row['type']:<19} {'fixed' if row['fixed'] else 'REVIEW':<6} "
+            f"  {row['type']:<19} {review_word(row):<12} "
             f"payment={row['payment_id'] or '-'} gateway={row['gateway_payment_id'] or '-'} "
             f"{details}"
         )
+
+
+def review_word(row: dict[str, Any]) -> str:
+    """fixed (by the run), REVIEW (waits for a person), ACKNOWLEDGED or RESOLVED (by one)."""
+    if row["fixed"]:
+        return "fixed"
+    return "REVIEW" if row["review"] == "OPEN" else str(row["review"])

@@ -14,6 +14,7 @@ from workers.db.transitions import (
     MACHINES,
     InvalidTransition,
     Transition,
+    audited_update,
     transition,
     transition_batch,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidTransition",
     "Steps",
     "Transition",
+    "audited_update",
     "claim",
     "dispose_engine",
     "get_engine",

@@ -33,6 +33,7 @@ from workers.models import (
     DeadLetter,
     Notification,
     Payment,
+    ReconciliationDiscrepancy,
     ReconciliationRun,
     Refund,
     StateTransition,
@@ -76,6 +77,11 @@ MACHINES: dict[str, dict[str, frozenset[str]]] = {
         "COMPLETED": frozenset({"RUNNING"}),
         "FAILED": frozenset({"PENDING", "RUNNING"}),
     },
+    # A finding's review by a person (the finding itself never changes).
+    "reconciliation_discrepancies": {
+        "ACKNOWLEDGED": frozenset({"OPEN"}),
+        "RESOLVED": frozenset({"OPEN", "ACKNOWLEDGED"}),
+    },
 }
 
 # A row whose status changes between our read and our write is read again; this many times.
@@ -83,7 +89,15 @@ MAX_CAS_ROUNDS = 10
 
 MODELS: dict[str, type[Base]] = {
     model.__tablename__: model
-    for model in (BookingHold, Payment, Refund, Notification, DeadLetter, ReconciliationRun)
+    for model in (
+        BookingHold,
+        Payment,
+        Refund,
+        Notification,
+        DeadLetter,
+        ReconciliationRun,
+        ReconciliationDiscrepancy,
+    )
 }
 
 
@@ -172,6 +186,50 @@ def transition(
             if still == current:  # the status is unchanged, so the guard held us back
                 return Transition(entity, entity_id, current, to, changed=False)
     raise TransientError(f"{entity} {entity_id}: status kept changing under {to} transition")
+
+
+def audited_update(
+    session: Session,
+    entity: str,
+    entity_id: int,
+    *,
+    actor: str,
+    reason: str,
+    now: datetime,
+    values: Mapping[str, Any],
+    guard: ColumnElement[bool] | None = None,
+) -> bool:
+    """A change an operator makes that is not a status change (clearing a refund's manual
+    review): `values` set in one UPDATE, while `guard` holds, and an audit row from the
+    row's status to itself, so the trail shows who did it and why. False if the guard held it
+    back; NotFound if there is no such row."""
+    table = MODELS[entity].__table__
+    stmt = (
+        update(table)
+        .where(table.c.id == entity_id)
+        .values(updated_at=now, **dict(values))
+        .returning(table.c.status)
+    )
+    if guard is not None:
+        stmt = stmt.where(guard)
+    status = session.execute(stmt).scalar_one_or_none()
+    if status is None:
+        exists = session.execute(select(table.c.id).where(table.c.id == entity_id)).first()
+        if exists is None:
+            raise NotFound(f"{entity} {entity_id} does not exist")
+        return False
+    session.execute(
+        insert(StateTransition).values(
+            entity=entity,
+            entity_id=entity_id,
+            from_status=status,
+            to_status=status,
+            actor=actor,
+            reason=reason,
+            at=now,
+        )
+    )
+    return True
 
 
 # The clock of a batch transition, bound at each run so that one built statement serves them all.

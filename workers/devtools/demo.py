@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from config import get_settings
 from config.celery import QUEUES
+from workers.db import transition
 from workers.devtools.sandbox import SandboxState
 from workers.devtools.simulator import SimulatorState
 from workers.messaging.enqueue import enqueue_after_commit
@@ -140,7 +141,39 @@ def seed_refunds(session: Session, now: datetime) -> list[int]:
         # A few seconds, so the simulator `make run` starts is listening by then.
         enqueue_after_commit(session, "refunds.submit", {"refund_id": refund}, countdown=8)
         ids.append(refund)
+    ids.append(seed_refund_in_review(session, payment, currency, now))
     return ids
+
+
+def seed_refund_in_review(session: Session, payment: int, currency: str, now: datetime) -> int:
+    """A refund the gateway refused on every attempt, which the retry job has given up on: it
+    waits in manual review for a person (the console's Refunds page)."""
+    attempts = get_settings().REFUND_MAX_ATTEMPTS
+    refused = "stripe refused the refund (HTTP 400): amount exceeds the charge's refundable amount"
+    refund = session.execute(
+        insert(Refund)
+        .values(
+            payment_id=payment,
+            amount=999_900,
+            currency=currency,
+            reason="demo: refund larger than the charge",
+            created_at=now - timedelta(days=1, hours=2),
+            updated_at=now - timedelta(days=1, hours=2),
+        )
+        .returning(Refund.id)
+    ).scalar_one()
+    transition(
+        session,
+        "refunds",
+        refund,
+        "FAILED",
+        actor="refunds.submit",
+        reason=refused,
+        now=now - timedelta(hours=2),
+        values={"attempts": attempts, "last_error": refused, "idempotency_key": f"demo-{refund}-3"},
+    )
+    session.execute(update(Refund).where(Refund.id == refund).values(requires_manual_review=True))
+    return refund
 
 
 # The demo's notifications, delivered by the local SMS/push sandbox `make run` starts: the SMS

@@ -182,7 +182,11 @@ def refunds(session: Session, now: datetime, stuck_after: timedelta) -> Iterator
         ).all()
         return {gateway: count for gateway, count in rows}
 
-    review = by_gateway(Refund.requires_manual_review.is_(True) & (Refund.status != "COMPLETED"))
+    review = by_gateway(
+        Refund.requires_manual_review.is_(True)
+        & (Refund.status != "COMPLETED")
+        & Refund.resolved_at.is_(None)
+    )
     stuck = by_gateway((Refund.status == "PROCESSING") & (Refund.updated_at <= now - stuck_after))
     for name, text, counts in (
         (

@@ -428,6 +428,7 @@ def discrepancies(
             Found.payment_id,
             Found.gateway_payment_id,
             Found.fixed,
+            Found.status,
             Found.details,
         )
         .where(Found.run_id == run_id)
@@ -443,5 +444,6 @@ def discrepancies(
             "payment_id": row.payment_id,
             "gateway_payment_id": row.gateway_payment_id,
             "fixed": row.fixed,
+            "review": row.status,
             "details": row.details,
         }

@@ -78,19 +78,22 @@ def check_refunds(
     *,
     concurrency: int = 1,
     actor: str = "refunds.check",
+    asking: tuple[str, ...] = ("PROCESSING",),
+    include_review: bool = False,
 ) -> Checked:
     """Ask the gateways about PROCESSING refunds and move on each one they have a final answer
     for. The rows are read in one select and that transaction ends before any call; the calls
     run `concurrency` at a time; the answers are written with one audited batch transition per
     outcome, in the transaction the caller commits (with what it adds to them). Refunds that are
     no longer PROCESSING, or are in manual review, are reported as they are and not asked
-    about."""
+    about. An operator's re-check (`include_review`, `asking` PENDING too) asks about a refund
+    in manual review, or one whose submission may or may not have reached the gateway."""
     with steps.step("read") as session:  # nothing stays open while the gateways answer
         rows = read_refunds(session, refund_ids)
     checked = Checked()
     for refund_id in sorted(set(refund_ids) - {row.id for row in rows}):
         checked.failed[refund_id] = NotFound(f"refunds {refund_id} does not exist")
-    calls = calls_to_make(rows, gateway_for, checked)
+    calls = calls_to_make(rows, gateway_for, checked, asking, include_review)
     answers = ask_gateways(calls, concurrency)
     found = sort_answers(steps.session, calls, answers, checked, clock, actor)
     record_checks(steps.session, found, {row.id for row in rows}, checked, clock(), actor)
@@ -117,14 +120,20 @@ def read_refunds(session: Session, refund_ids: Sequence[int]) -> Sequence[Any]:
     ).all()
 
 
-def calls_to_make(rows: Sequence[Any], gateway_for: GatewayFor, checked: Checked) -> list[Any]:
+def calls_to_make(
+    rows: Sequence[Any],
+    gateway_for: GatewayFor,
+    checked: Checked,
+    asking: tuple[str, ...] = ("PROCESSING",),
+    include_review: bool = False,
+) -> list[Any]:
     """The refunds to ask about, each with its gateway. The rest are reported as they are
     (no longer PROCESSING, or in manual review), failed (their gateway is not configured) or
     deferred (its breaker is open)."""
     calls: list[tuple[Any, Gateway]] = []
     gateways: dict[str, Gateway | Exception] = {}
     for row in rows:
-        if row.status != "PROCESSING" or row.requires_manual_review:
+        if row.status not in asking or (row.requires_manual_review and not include_review):
             checked.statuses[row.id] = row.status
             continue
         if row.gateway not in gateways:
@@ -161,9 +170,9 @@ def sort_answers(
             checked.failed[row.id] = answer
         elif isinstance(answer, Exception):
             checked.retry[row.id] = answer
-        elif answer is None or answer.status == "PROCESSING":
-            checked.statuses[row.id] = "PROCESSING"  # left to the next run, then escalation
-        elif row.gateway_refund_id:
+        elif answer is None or answer.status == row.status == "PROCESSING":
+            checked.statuses[row.id] = row.status  # left to the next run, then escalation
+        elif row.gateway_refund_id and row.status == "PROCESSING":
             found[(answer.status, answer.raw_status)].append(row.id)
         else:
             # The refund's reference names the attempt it was made for: an older one than the

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -116,6 +117,36 @@ def escalate_unresolved(session: Session, now: datetime, policy: RetryPolicy) ->
     return [row.id for row in rows]
 
 
+def start_attempt(
+    session: Session,
+    refund_id: int,
+    failed_gateway_refund_id: str | None,
+    *,
+    actor: str,
+    now: datetime,
+    reason: str | None = None,
+    values: dict[str, Any] | None = None,
+) -> None:
+    """A FAILED refund's next attempt: PENDING again with a new key (never one the gateway has
+    seen), audited. The caller sends `refunds.submit` once it commits."""
+    transition(
+        session,
+        "refunds",
+        refund_id,
+        "PENDING",
+        actor=actor,
+        now=now,
+        reason=reason
+        or f"new attempt after gateway refund {failed_gateway_refund_id or '-'} failed",
+        values={
+            "idempotency_key": new_key(refund_id),
+            "key_sent_at": None,
+            "gateway_refund_id": None,
+            **(values or {}),
+        },
+    )
+
+
 def take_due(
     session: Session, now: datetime, policy: RetryPolicy, actor: str
 ) -> dict[str, list[int]]:
@@ -149,20 +180,7 @@ def take_due(
     for row in rows:
         taken[row.status].append(row.id)
         if row.status == "FAILED":
-            transition(
-                session,
-                "refunds",
-                row.id,
-                "PENDING",
-                actor=actor,
-                now=now,
-                reason=f"new attempt after gateway refund {row.gateway_refund_id or '-'} failed",
-                values={
-                    "idempotency_key": new_key(row.id),
-                    "key_sent_at": None,
-                    "gateway_refund_id": None,
-                },
-            )
+            start_attempt(session, row.id, row.gateway_refund_id, actor=actor, now=now)
     stuck = taken["PROCESSING"]
     for start in range(0, len(stuck), policy.check_chunk):
         chunk = stuck[start : start + policy.check_chunk]
