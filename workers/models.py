@@ -267,6 +267,15 @@ class DeadLetter(Timestamps, Base):
         Index("ix_dead_letters_status_created_at", "status", "created_at"),
         Index("ix_dead_letters_task_name", "task_name"),
         Index("ix_dead_letters_created_at", "created_at"),
+        # The lists' counts by task and error (and health's open count), from the index alone.
+        Index(
+            "ix_dead_letters_groups",
+            "status",
+            "task_name",
+            "error_type",
+            "classification",
+            "created_at",
+        ),
         Index(
             "ix_dead_letters_new",
             "id",
@@ -451,8 +460,9 @@ class StateTransition(Base):
     __tablename__ = "state_transitions"
     __table_args__ = (
         Index("ix_state_transitions_entity", "entity", "entity_id"),
-        # The console's charts: an entity's changes over the last hours or days.
-        Index("ix_state_transitions_entity_at", "entity", "at"),
+        # The console's charts: an entity's changes over the last hours or days, read from
+        # the index alone.
+        Index("ix_state_transitions_entity_at", "entity", "at", postgresql_include=["to_status"]),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)

@@ -16,12 +16,14 @@ from tasks.dlq import selection_of
 from tests.console.conftest import csrf, log_in, new_letter, post
 from tests.workers.factories import add_hold
 from tests.workers.test_dlq import sent
+from tests.workers.test_reconciliation_review import add_run
+from tests.workers.test_refunds import add_refund, refund, set_row, submit
 from workers.console import create_app
 from workers.console.auth import ConsoleConfigError
-from workers.db import Steps, session_scope
+from workers.db import Steps, session_scope, transition
 from workers.dlq.bulk import act_on_selection
 from workers.errors import PermanentError
-from workers.models import DeadLetter, DeadLetterEvent, StateTransition
+from workers.models import DeadLetter, DeadLetterEvent, JobRun, StateTransition
 from workers.payloads import BulkDeadLetters, validate
 
 
@@ -334,3 +336,185 @@ def test_the_console_refuses_to_start_without_a_way_to_know_its_users() -> None:
             assert named in str(exc) and "\n" not in str(exc)
         else:
             raise AssertionError(f"started with {settings}")
+
+
+def test_refunds_that_need_a_person_are_listed_and_acted_on_as_alice(
+    console_app: Flask, redis: Any, sim: Any, gateways: dict[str, Any]
+) -> None:
+    console_app.extensions["backstop"]["gateway_for"] = gateways.__getitem__
+    sim.set_refund_outcome("stripe", "pending")
+    in_review = add_refund(sim, "stripe")
+    assert submit(in_review, gateways) == "PROCESSING"
+    set_row(in_review, requires_manual_review=True)
+    failed = add_refund(sim, "razorpay", amount=9_000, paid=5_000)
+    assert submit(failed, gateways) == "FAILED"
+    set_row(failed, requires_manual_review=True)
+    client = console_app.test_client()
+    log_in(client, "alice")
+    html = client.get("/refunds").get_data(True)
+    assert f'href="/refunds/{in_review}"' in html and f'href="/refunds/{failed}"' in html
+    assert sim.stripe_api_key not in html and sim.razorpay_key_secret not in html
+
+    page = f"/refunds/{in_review}"
+    shown = client.get(page).get_data(True)
+    assert "Re-check now" in shown and "Start a new attempt" not in shown
+    sim.settle_refund(refund(in_review).gateway_refund_id, "succeeded")
+    done = post(client, f"{page}/recheck", page)
+    assert done.status_code == 302
+    assert "PROCESSING -&gt; COMPLETED" in client.get(page).get_data(True)
+    assert refund(in_review).status == "COMPLETED"
+
+    page = f"/refunds/{failed}"
+    refused = post(client, f"{page}/retry", page, reason=" ")
+    assert refused.status_code == 422 and "a new attempt needs a reason" in refused.get_data(True)
+    assert post(client, f"{page}/resolve", page, reason="refunded in cash").status_code == 302
+    assert refund(failed).resolution == "refunded in cash"
+    with session_scope() as session:
+        actors = {
+            row.actor
+            for row in session.scalars(
+                select(StateTransition).where(StateTransition.entity == "refunds")
+            )
+            if row.actor not in ("refunds.submit",)
+        }
+    assert actors == {"alice"}
+    assert f'href="/refunds/{failed}"' not in client.get("/refunds").get_data(True)
+
+
+def test_a_viewer_reads_refunds_but_cannot_act(console_app: Flask, redis: Any, sim: Any) -> None:
+    refund_id = add_refund(sim, "stripe")
+    set_row(refund_id, status="FAILED", requires_manual_review=True)
+    client = console_app.test_client()
+    log_in(client, "victor")
+    page = f"/refunds/{refund_id}"
+    html = client.get(page).get_data(True)
+    assert f"Refund {refund_id}" in html and "Mark resolved" not in html
+    for action in ("recheck", "retry", "resolve"):
+        assert post(client, f"{page}/{action}", page, reason="x").status_code == 403
+    assert refund(refund_id).resolved_at is None
+    assert client.get("/refunds/999999").status_code == 404
+
+
+def test_reconciliation_runs_and_findings_acknowledged_and_resolved_as_alice(
+    console_app: Flask, redis: Any
+) -> None:
+    run_id, ids = add_run(findings=3, fixed=1)
+    client = console_app.test_client()
+    log_in(client, "alice")
+    runs = client.get("/reconciliation").get_data(True)
+    assert f'href="/reconciliation/{run_id}"' in runs and "42.0s" in runs
+    page = f"/reconciliation/{run_id}?waiting=1"
+    html = client.get(page).get_data(True)
+    assert f'id="finding-{ids[0]}"' not in html and f'id="finding-{ids[1]}"' in html
+    assert "Acknowledge" in html
+    action = f"/reconciliation/findings/{ids[1]}"
+    blank = post(client, f"{action}/acknowledge", page, reason=" ", back=page)
+    assert "a reason is needed" in client.get(blank.headers["Location"]).get_data(True)
+    assert post(client, f"{action}/acknowledge", page, reason="on it", back=page).status_code == 302
+    done = post(client, f"{action}/resolve", page, reason="captured late; fixed by hand", back=page)
+    assert done.headers["Location"] == page
+    shown = client.get(page).get_data(True)
+    assert f"finding {ids[1]}: RESOLVED" in shown and f'id="finding-{ids[1]}"' not in shown
+    with session_scope() as session:
+        trail = [
+            (row.to_status, row.actor)
+            for row in session.scalars(
+                select(StateTransition)
+                .where(StateTransition.entity_id == ids[1])
+                .where(StateTransition.entity == "reconciliation_discrepancies")
+                .order_by(StateTransition.id)
+            )
+        ]
+    assert trail == [("ACKNOWLEDGED", "alice"), ("RESOLVED", "alice")]
+
+
+def test_a_viewer_reads_findings_but_cannot_review_them(console_app: Flask, redis: Any) -> None:
+    run_id, ids = add_run()
+    client = console_app.test_client()
+    log_in(client, "victor")
+    page = f"/reconciliation/{run_id}"
+    html = client.get(page).get_data(True)
+    assert f'id="finding-{ids[1]}"' in html and "Acknowledge" not in html
+    forged = post(client, f"/reconciliation/findings/{ids[1]}/resolve", page, reason="x")
+    assert forged.status_code == 403
+    assert client.get("/reconciliation/999999").status_code == 404
+
+
+def test_schedules_show_every_job_and_run_now_claims_the_slot_as_alice(
+    console_app: Flask, redis: Any
+) -> None:
+    client = console_app.test_client()
+    log_in(client, "alice")
+    html = client.get("/schedules").get_data(True)
+    for job in ("refunds.retry_stuck", "dlq.triage", "holds.sweep_expired", "ops.retention"):
+        assert f'id="job-{job}"' in html
+    assert "Run now</button>" in html
+    done = post(client, "/schedules/dlq.triage/run", "/schedules")
+    assert done.status_code == 302
+    shown = client.get("/schedules").get_data(True)
+    assert "dlq.triage: sent as task" in shown and "as alice" in shown
+    [(name, _, _)] = sent(redis)
+    assert name == "dlq.triage"
+    with session_scope() as session:
+        row = session.scalars(select(JobRun).where(JobRun.job_name == "dlq.triage")).one()
+    assert row.requested_by == "alice"
+    again = post(client, "/schedules/dlq.triage/run", "/schedules")
+    assert "not run: dlq.triage: the current slot" in client.get(
+        again.headers["Location"]
+    ).get_data(True)
+    assert len(sent(redis)) == 1
+
+
+def test_a_viewer_sees_the_schedules_but_cannot_run_a_job(console_app: Flask, redis: Any) -> None:
+    client = console_app.test_client()
+    log_in(client, "victor")
+    html = client.get("/schedules").get_data(True)
+    assert 'id="job-dlq.triage"' in html and "Run now</button>" not in html
+    assert post(client, "/schedules/dlq.triage/run", "/schedules").status_code == 403
+    assert sent(redis) == []
+
+
+def test_the_overview_shows_health_queues_and_what_happened_as_charts(
+    console_app: Flask, redis: Any
+) -> None:
+    opened = [new_letter("holds.expire", {"hold_id": i}) for i in range(3)]
+    client = console_app.test_client()
+    log_in(client, "alice")
+    page = f"/dead-letters/{opened[0]}"
+    post(client, f"{page}/discard", page, reason="test data")
+    redis.rpush("critical", "x", "y")
+    with session_scope() as session:
+        hold = add_hold(session, datetime.now(UTC) - timedelta(seconds=30))
+        transition(
+            session, "booking_holds", hold, "EXPIRED", actor="t", reason=None, now=datetime.now(UTC)
+        )
+    html = client.get("/").get_data(True)
+    assert "<h2>Health</h2>" in html and "schedule dlq.triage" in html and "database" in html
+    assert '<td>critical</td><td class="num">2</td>' in html
+    assert html.count('<svg role="img"') == 3
+    hour = datetime.now(UTC).strftime("%d %H:00")
+    assert f"<title>{hour}: opened 3</title>" in html and f"<title>{hour}: closed 1</title>" in html
+    assert "(1 expired)" in html
+    assert "<script" not in html
+    viewer = console_app.test_client()
+    log_in(viewer, "victor")
+    assert viewer.get("/").status_code == 200
+
+
+def test_the_list_shows_open_letters_unless_a_status_is_chosen(
+    console_app: Flask, redis: Any
+) -> None:
+    kept = new_letter("holds.expire", {"hold_id": 1})
+    gone = new_letter("holds.expire", {"hold_id": 2})
+    client = console_app.test_client()
+    log_in(client, "alice")
+    page = f"/dead-letters/{gone}"
+    post(client, f"{page}/discard", page, reason="test data")
+
+    def shown(query: str) -> set[int]:
+        html = client.get(f"/dead-letters{query}").get_data(True)
+        return {int(i) for i in re.findall(r'<a href="/dead-letters/(\d+)">', html)}
+
+    assert shown("") == {kept}
+    assert shown("?status=DISCARDED") == {gone}
+    assert shown("?status=any") == {kept, gone}

@@ -10,8 +10,15 @@ from flask import Flask, g, session
 from flask_wtf.csrf import CSRFProtect
 
 from config import Settings, get_settings
+from workers.console import (  # noqa: F401  (their routes join the blueprint)
+    overview_page,
+    reconciliation_pages,
+    refund_pages,
+    schedule_pages,
+)
 from workers.console.auth import Authority, LoginThrottle
 from workers.console.views import bp
+from workers.gateways.registry import get_gateway
 
 # Strict: no inline script or style, nothing from elsewhere, never in a frame.
 CSP = (
@@ -41,6 +48,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         "settings": settings,
         "authority": authority,
         "throttle": LoginThrottle(settings),
+        # How a re-check reaches a gateway: its adapter, built from this process's settings.
+        "gateway_for": get_gateway,
     }
     CSRFProtect(app)
     app.register_blueprint(bp)

@@ -103,11 +103,6 @@ def logout() -> Any:
     return redirect(url_for("console.login"))
 
 
-@bp.get("/")
-def index() -> Any:
-    return redirect(url_for("console.letters"))
-
-
 def duration(value: str | None) -> timedelta | None:
     """A filter's age, or no condition when it is empty or not a duration."""
     try:
@@ -124,10 +119,22 @@ def filter_args(args: Any) -> dict[str, list[str]]:
     return {key: [v for v in args.getlist(key) if v] for key in FILTER_FIELDS if args.get(key)}
 
 
+# What the list shows until the operator picks a status: the letters someone may act on.
+OPEN_STATUSES = ("NEW", "MANUAL_REVIEW", "RETRYING")
+
+
+def statuses_from(args: Any) -> tuple[str, ...]:
+    """The chosen statuses: none chosen is the open ones; "any" is every status."""
+    chosen = args.getlist("status")
+    if "any" in chosen:
+        return ()
+    return tuple(s for s in chosen if s in DEAD_LETTER_STATUSES) or OPEN_STATUSES
+
+
 def filters_from(args: Any) -> browse.Filters:
     return browse.Filters(
         task=args.get("task") or None,
-        statuses=tuple(s for s in args.getlist("status") if s in DEAD_LETTER_STATUSES),
+        statuses=statuses_from(args),
         error=args.get("error") or None,
         classification=args.get("classification") or None,
         rule=args.get("rule") or None,

@@ -74,12 +74,14 @@ def check_schedules(session: object, settings: Settings, now: datetime) -> list[
     return checks
 
 
+# The open dead letters: how many, and since when.
+OPEN_LETTERS = select(func.count(), func.min(DeadLetter.created_at)).where(
+    DeadLetter.status.in_(("NEW", "MANUAL_REVIEW"))
+)
+
+
 def check_dead_letters(session: object, now: datetime) -> Check:
-    count, oldest = session.execute(  # type: ignore[attr-defined]
-        select(func.count(), func.min(DeadLetter.created_at)).where(
-            DeadLetter.status.in_(("NEW", "MANUAL_REVIEW"))
-        )
-    ).one()
+    count, oldest = session.execute(OPEN_LETTERS).one()  # type: ignore[attr-defined]
     if not count:
         return Check("dead letters", "ok", "none open")
     return Check("dead letters", "degraded", f"{count} open, oldest {_age(now - oldest)} old")
