@@ -83,3 +83,13 @@ def test_the_reconciliation_bench_reports_exactly_the_seeded_differences(
     for gateway in ("razorpay", "stripe"):
         [line] = [line for line in out.splitlines() if line.startswith(f"  {gateway}: ours / ")]
         assert "reports name exactly the seeded differences: PASS" in line, line
+
+
+def test_the_console_bench_renders_every_page_and_completes_the_bulk_replay(
+    committed: Engine, redis: Any
+) -> None:
+    out = run_quick("console.py")
+    for page in ("dead-letter list", "filtered list", "a letter's page", "overview"):
+        assert any(line.strip().startswith(page) for line in out.splitlines()), page
+    [line] = [line for line in out.splitlines() if "every letter decided" in line]
+    assert line.endswith("PASS"), line

@@ -80,10 +80,10 @@ class Group:
     oldest: datetime
 
 
-def groups(session: Session, query: Select[Any]) -> list[Group]:
+def groups_query(query: Select[Any]) -> Select[Any]:
     """The selected letters counted by task, error, classification and status, largest first."""
     chosen = query.subquery()
-    rows = session.execute(
+    return (
         select(
             chosen.c.task_name,
             chosen.c.error_type,
@@ -94,8 +94,11 @@ def groups(session: Session, query: Select[Any]) -> list[Group]:
         )
         .group_by(chosen.c.task_name, chosen.c.error_type, chosen.c.classification, chosen.c.status)
         .order_by(func.count().desc())
-    ).all()
-    return [Group(*row) for row in rows]
+    )
+
+
+def groups(session: Session, query: Select[Any]) -> list[Group]:
+    return [Group(*row) for row in session.execute(groups_query(query)).all()]
 
 
 def page(
