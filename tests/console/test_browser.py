@@ -140,6 +140,24 @@ def test_a_viewer_sees_no_action_and_markup_stays_inert(console: str, browser: B
     assert page.locator("button", has_text="Discard").count() == 0
     expect(page.locator(".error-text").first).to_contain_text("<script>window.pwned=2</script>")
     assert page.evaluate("window.pwned") is None
+    # A discard forged from the viewer's own session, with its valid CSRF token: forbidden.
+    token = page.locator("input[name=csrf_token]").first.get_attribute("value")
+    forged = page.request.post(
+        f"{console}/dead-letters/{letter}/discard", form={"reason": "x", "csrf_token": token or ""}
+    )
+    assert forged.status == 403 and status(letter) == "NEW"
+
+
+def test_a_post_without_its_csrf_token_is_refused_in_the_browser(
+    console: str, browser: Browser
+) -> None:
+    letter = new_letter("holds.expire", {"hold_id": 1})
+    page = log_in(browser, console, "alice")
+    page.goto(f"{console}/dead-letters/{letter}")
+    expect(page.locator("h1")).to_contain_text(f"Dead letter {letter}")
+    refused = page.request.post(f"{console}/dead-letters/{letter}/discard", form={"reason": "x"})
+    assert refused.status == 400 and "CSRF token is missing" in refused.text()
+    assert status(letter) == "NEW"
 
 
 def test_a_bulk_replay_of_a_thousand_letters_names_its_count_before_anything_is_sent(

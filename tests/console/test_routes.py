@@ -518,3 +518,49 @@ def test_the_list_shows_open_letters_unless_a_status_is_chosen(
     assert shown("") == {kept}
     assert shown("?status=DISCARDED") == {gone}
     assert shown("?status=any") == {kept, gone}
+
+
+def test_no_secret_key_or_signature_appears_on_any_page(
+    committed: Any, console_users: str, redis: Any, sim: Any
+) -> None:
+    """Every page, with data behind it, rendered for an operator: none carries a credential
+    from the settings, a user's password hash, or a webhook's signature."""
+    secrets_ = {
+        "CONSOLE_SECRET_KEY": "console-secret-never-shown",
+        "STRIPE_API_KEY": "sk_test_never_shown_123",
+        "RAZORPAY_KEY_ID": "rzp_test_key_id",
+        "RAZORPAY_KEY_SECRET": "rzp_secret_never_shown",
+        "STRIPE_WEBHOOK_SECRET": "whsec_never_shown",
+        "SENTRY_DSN": "https://publickey@sentry.example.com/1",
+    }
+    app = create_app(
+        load_settings(CONSOLE_USERS=console_users, CONSOLE_COOKIE_SECURE=False, **secrets_)
+    )
+    letter = new_letter(
+        "webhooks.process",
+        {"provider": "stripe", "body": "{}", "signature": "t=1,v1=signature_never_shown"},
+    )
+    refund_id = add_refund(sim, "stripe")
+    set_row(refund_id, status="FAILED", requires_manual_review=True)
+    run_id, _ = add_run()
+    client = app.test_client()
+    log_in(client, "alice")
+    pages = [
+        "/",
+        "/dead-letters",
+        "/dead-letters?status=any",
+        f"/dead-letters/{letter}",
+        "/refunds",
+        f"/refunds/{refund_id}",
+        "/reconciliation",
+        f"/reconciliation/{run_id}",
+        "/schedules",
+    ]
+    hashes = [entry.split(":", 2)[2] for entry in console_users.split(",")]
+    for path in pages:
+        response = client.get(path)
+        html = response.get_data(True)
+        assert response.status_code == 200, path
+        for value in [*secrets_.values(), "signature_never_shown", *hashes]:
+            assert value not in html, (path, value)
+        assert "publickey" not in html, path
