@@ -360,8 +360,36 @@ def test_unresolved_refunds_escalate_once_with_an_alert(
         alerts = session.scalars(
             select(Notification).where(Notification.template == "alert.refund_manual_review")
         ).all()
-    assert len(alerts) == 1 and alerts[0].dedupe_key == f"alert:refund-manual-review:{old}"
+    assert len(alerts) == 1 and alerts[0].data["refund_ids"] == str(old)
+    assert alerts[0].data["message"].startswith("1 refund needs manual review")
     assert queued(redis) == []  # not retried automatically any more
+
+
+def test_a_run_that_escalates_many_refunds_raises_one_alert_naming_them(
+    committed: Engine, sim: Any, redis: redis_lib.Redis
+) -> None:
+    """After a day-long gateway outage: every stuck refund escalated by one run, one page."""
+    ids = [
+        add_refund(sim, "stripe", created_at=T0 - timedelta(days=2, minutes=i)) for i in range(30)
+    ]
+    for refund_id in ids[:20]:
+        set_row(refund_id, status="PROCESSING")
+    set_row(ids[20], status="FAILED", attempts=POLICY.max_attempts)
+    with session_scope() as session:
+        counts = retry_stuck_refunds(Steps(session), Clock(T0), POLICY)
+    assert counts.escalated == 30
+    with session_scope() as session:
+        [alert] = session.scalars(
+            select(Notification).where(Notification.template == "alert.refund_manual_review")
+        ).all()
+    message = alert.data["message"]
+    assert message.startswith("30 refunds need manual review")
+    assert "1 FAILED, 9 PENDING, 20 PROCESSING" in message
+    assert f"oldest: refund {ids[-1]}" in message and message.endswith(" ...")
+    assert alert.data["refund_ids"] == ",".join(map(str, ids)) and alert.data["count"] == "30"
+    with session_scope() as session:
+        again = retry_stuck_refunds(Steps(session), Clock(T0 + timedelta(minutes=30)), POLICY)
+    assert again.escalated == 0  # flagged once: the next run neither escalates nor pages
 
 
 def test_an_open_breaker_defers_without_claiming_or_sending(

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import utc
 from tests.workers.factories import add_hold, add_holds
-from workers.db import InvalidTransition, claim, transition, transition_batch
+from workers.db import InvalidTransition, claim, transition, transition_batch, transition_rows
 from workers.errors import NotFound
-from workers.models import BookingHold, StateTransition
+from workers.models import BookingHold, Refund, StateTransition
 
 NOW = utc(2026, 1, 1, 12)
 
@@ -115,6 +115,50 @@ def test_batch_transition_changes_only_rows_in_the_from_status(any_db: Session) 
     assert any_db.get(BookingHold, confirmed).status == "CONFIRMED"
     assert all(audit(any_db, h) == [("ACTIVE", "EXPIRED", "sweep")] for h in active)
     assert audit(any_db, confirmed) == []
+
+
+def test_each_row_of_a_batch_can_have_its_own_values_and_reason(any_db: Session) -> None:
+    """A batch of failed refunds, each restarted with its own new key and its own reason, in
+    one UPDATE and one audit INSERT; a row no longer FAILED is left alone."""
+    rows = any_db.execute(
+        text(
+            "INSERT INTO payments (gateway, gateway_payment_id, amount, currency, status) "
+            "VALUES ('stripe', 'pi_1', 100, 'USD', 'COMPLETED') RETURNING id"
+        )
+    ).scalar_one()
+    ids = [
+        any_db.execute(
+            text(
+                "INSERT INTO refunds (payment_id, amount, currency, status, idempotency_key) "
+                "VALUES (:p, 10, 'USD', :s, :k) RETURNING id"
+            ),
+            {"p": rows, "s": status, "k": f"old-{n}"},
+        ).scalar_one()
+        for n, status in enumerate(["FAILED", "FAILED", "COMPLETED"])
+    ]
+    moved = transition_rows(
+        any_db,
+        "refunds",
+        {i: {"idempotency_key": f"new-{i}"} for i in ids},
+        "FAILED",
+        "PENDING",
+        actor="retry",
+        reasons={i: f"reason {i}" for i in ids},
+        now=NOW,
+        values={"gateway_refund_id": None},
+    )
+    assert moved == ids[:2]
+    found = dict(any_db.execute(select(Refund.id, Refund.idempotency_key)).all())
+    assert found == {ids[0]: f"new-{ids[0]}", ids[1]: f"new-{ids[1]}", ids[2]: "old-2"}
+    trail = any_db.execute(
+        select(StateTransition.entity_id, StateTransition.to_status, StateTransition.reason)
+        .where(StateTransition.entity == "refunds")
+        .order_by(StateTransition.entity_id)
+    ).all()
+    assert [tuple(row) for row in trail] == [
+        (ids[0], "PENDING", f"reason {ids[0]}"),
+        (ids[1], "PENDING", f"reason {ids[1]}"),
+    ]
 
 
 def test_batch_transition_rejects_a_disallowed_pair(any_db: Session) -> None:

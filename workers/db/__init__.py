@@ -17,6 +17,7 @@ from workers.db.transitions import (
     audited_update,
     transition,
     transition_batch,
+    transition_rows,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "steps_on_one_connection",
     "transition",
     "transition_batch",
+    "transition_rows",
 ]

@@ -17,12 +17,14 @@ from sqlalchemy import (
     Select,
     any_,
     bindparam,
+    column,
     func,
     insert,
     literal,
     select,
     update,
 )
+from sqlalchemy import values as sa_values
 from sqlalchemy.orm import Session
 
 from workers.db.locks import is_postgres
@@ -186,6 +188,75 @@ def transition(
             if still == current:  # the status is unchanged, so the guard held us back
                 return Transition(entity, entity_id, current, to, changed=False)
     raise TransientError(f"{entity} {entity_id}: status kept changing under {to} transition")
+
+
+def transition_rows(
+    session: Session,
+    entity: str,
+    changes: Mapping[int, Mapping[str, Any]],
+    from_status: str,
+    to: str,
+    *,
+    actor: str,
+    reasons: Mapping[int, str],
+    now: datetime,
+    values: Mapping[str, Any] | None = None,
+) -> list[int]:
+    """Move these rows (already locked by the caller) from `from_status` to `to`, each with its
+    own column values (`changes[id]`, the same columns for every row) and its own reason, in
+    one UPDATE and one INSERT of audit rows; `values` are set on all of them. Rows no longer
+    in `from_status` are left as they are. Returns the ids that moved."""
+    if from_status not in sources(entity, to):
+        raise InvalidTransition(entity, 0, from_status, to)
+    if not changes:
+        return []
+    table = MODELS[entity].__table__
+    names = sorted(next(iter(changes.values())))
+    common = {"status": to, "updated_at": now, **dict(values or {})}
+    if is_postgres(session):
+        given = sa_values(
+            column("id", table.c.id.type),
+            *(column(name, table.c[name].type) for name in names),
+            name="given",
+        ).data([(key, *(row[name] for name in names)) for key, row in changes.items()])
+        moved = list(
+            session.execute(
+                update(table)
+                .where(table.c.id == given.c.id, table.c.status == from_status)
+                .values(**common, **{name: given.c[name] for name in names})
+                .returning(table.c.id)
+            ).scalars()
+        )
+    else:  # SQLite: the transaction holds the write lock, so a read then a write is as safe
+        moved = list(
+            session.execute(
+                select(table.c.id).where(
+                    table.c.id.in_(list(changes)), table.c.status == from_status
+                )
+            ).scalars()
+        )
+        if moved:
+            session.execute(
+                update(table).where(table.c.id == bindparam("target")),
+                [{"target": key, **common, **changes[key]} for key in moved],
+            )
+    if moved:
+        session.execute(
+            insert(StateTransition.__table__),
+            [
+                {
+                    "entity": entity,
+                    "entity_id": key,
+                    "from_status": from_status,
+                    "to_status": to,
+                    "actor": actor,
+                    "reason": reasons.get(key),
+                    "at": now,
+                }
+                for key in moved
+            ],
+        )
+    return sorted(moved)
 
 
 def audited_update(

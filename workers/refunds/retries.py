@@ -6,7 +6,8 @@ REFUND_ESCALATE_AFTER_SECONDS goes to manual review with an alert."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from workers.db import Steps, claim, transition
+from workers.db import Steps, claim, transition_rows
 from workers.messaging.enqueue import enqueue_after_commit
 from workers.models import Refund
 from workers.observability.alerts import raise_alert
@@ -60,12 +61,10 @@ def retry_stuck_refunds(
     refunds, submissions as one `refunds.submit` per refund. Two runs at once split the
     refunds between them."""
     counts = RetryCounts()
-    while True:
-        with steps.step("escalate") as session:
-            escalated = escalate_unresolved(session, clock(), policy)
-        counts.escalated += len(escalated)
-        if len(escalated) < policy.batch_size:
-            break
+    with steps.step("escalate") as session:  # the flags and their one alert, together
+        escalated = escalate_unresolved(session, clock(), policy)
+        alert_escalated(session, escalated, clock())
+    counts.escalated = len(escalated)
     while True:
         with steps.step("take") as session:
             taken = take_due(session, clock(), policy, actor)
@@ -80,70 +79,88 @@ def retry_stuck_refunds(
             return counts
 
 
-def escalate_unresolved(session: Session, now: datetime, policy: RetryPolicy) -> list[int]:
-    """Flag one batch of refunds for manual review: unresolved past `escalate_after`, or
-    FAILED with no attempts left. Each gets one alert; none is retried automatically again."""
+@dataclass(frozen=True, order=True)
+class Escalated:
+    id: int
+    status: str
+    created_at: datetime
+    last_error: str | None
+
+
+def escalate_unresolved(session: Session, now: datetime, policy: RetryPolicy) -> list[Escalated]:
+    """Flag every refund unresolved past `escalate_after`, or FAILED with no attempts left, for
+    manual review, in one statement: none is retried automatically again. A second run at the
+    same moment waits on the rows and then finds them flagged, so each is escalated once."""
     open_refund = (Refund.status != "COMPLETED") & Refund.requires_manual_review.is_(False)
     overdue = (Refund.created_at <= now - policy.escalate_after) | (
         (Refund.status == "FAILED") & (Refund.attempts >= policy.max_attempts)
     )
     rows = session.execute(
-        claim(
-            select(Refund.id, Refund.status, Refund.created_at, Refund.last_error)
-            .where(open_refund, overdue)
-            .order_by(Refund.id),
-            policy.batch_size,
-        )
-    ).all()
-    if not rows:
-        return []
-    session.execute(
         update(Refund)
-        .where(Refund.id.in_([row.id for row in rows]))
+        .where(open_refund, overdue)
         .values(requires_manual_review=True, updated_at=now)
+        .returning(Refund.id, Refund.status, Refund.created_at, Refund.last_error)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return sorted(Escalated(row.id, row.status, row.created_at, row.last_error) for row in rows)
+
+
+SHOWN_IDS = 20  # refund ids named in the alert's message; all of them are in its fields
+
+
+def alert_escalated(session: Session, escalated: list[Escalated], now: datetime) -> None:
+    """One alert for everything one run escalated: how many, which, the oldest and the
+    statuses. After a day-long gateway outage, a thousand refunds page once, not a thousand
+    times."""
+    if not escalated:
+        return
+    ids = [refund.id for refund in escalated]
+    oldest = min(escalated, key=lambda refund: refund.created_at)
+    statuses = Counter(refund.status for refund in escalated)
+    named = ", ".join(map(str, ids[:SHOWN_IDS])) + (" ..." if len(ids) > SHOWN_IDS else "")
+    single = len(ids) == 1
+    kinds = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items()))
+    raise_alert(
+        session,
+        "refund_manual_review",
+        f"{len(ids)} refund{'' if single else 's'} need{'s' if single else ''} manual review "
+        f"and will not be retried automatically ({kinds}; oldest: refund {oldest.id}, since "
+        f"{oldest.created_at.isoformat()}): {named}",
+        dedupe=f"refund-manual-review:{ids[0]}:{ids[-1]}:{len(ids)}",
+        now=now,
+        count=len(ids),
+        refund_ids=",".join(map(str, ids)),
+        oldest_refund_id=oldest.id,
+        oldest_since=oldest.created_at.isoformat(),
+        last_error=oldest.last_error or "",
     )
-    for row in rows:
-        raise_alert(
-            session,
-            "refund_manual_review",
-            f"refund {row.id} is {row.status} since {row.created_at.isoformat()}: "
-            "it needs manual review and will not be retried automatically",
-            dedupe=f"refund-manual-review:{row.id}",
-            now=now,
-            refund_id=row.id,
-            status=row.status,
-            last_error=row.last_error or "",
-        )
-    return [row.id for row in rows]
 
 
-def start_attempt(
+def start_attempts(
     session: Session,
-    refund_id: int,
-    failed_gateway_refund_id: str | None,
+    failed: Sequence[tuple[int, str | None]],
     *,
     actor: str,
     now: datetime,
     reason: str | None = None,
     values: dict[str, Any] | None = None,
-) -> None:
-    """A FAILED refund's next attempt: PENDING again with a new key (never one the gateway has
-    seen), audited. The caller sends `refunds.submit` once it commits."""
-    transition(
+) -> list[int]:
+    """FAILED refunds' next attempts, given as (refund id, the gateway refund that failed):
+    PENDING again, each with a new key (never one the gateway has seen), in one audited batch
+    transition. The caller has them locked, and sends `refunds.submit` once it commits."""
+    return transition_rows(
         session,
         "refunds",
-        refund_id,
+        {refund_id: {"idempotency_key": new_key(refund_id)} for refund_id, _ in failed},
+        "FAILED",
         "PENDING",
         actor=actor,
-        now=now,
-        reason=reason
-        or f"new attempt after gateway refund {failed_gateway_refund_id or '-'} failed",
-        values={
-            "idempotency_key": new_key(refund_id),
-            "key_sent_at": None,
-            "gateway_refund_id": None,
-            **(values or {}),
+        reasons={
+            refund_id: reason or f"new attempt after gateway refund {gateway_id or '-'} failed"
+            for refund_id, gateway_id in failed
         },
+        now=now,
+        values={"key_sent_at": None, "gateway_refund_id": None, **(values or {})},
     )
 
 
@@ -179,8 +196,12 @@ def take_due(
     )
     for row in rows:
         taken[row.status].append(row.id)
-        if row.status == "FAILED":
-            start_attempt(session, row.id, row.gateway_refund_id, actor=actor, now=now)
+    start_attempts(
+        session,
+        [(row.id, row.gateway_refund_id) for row in rows if row.status == "FAILED"],
+        actor=actor,
+        now=now,
+    )
     stuck = taken["PROCESSING"]
     for start in range(0, len(stuck), policy.check_chunk):
         chunk = stuck[start : start + policy.check_chunk]

@@ -29,7 +29,7 @@ from workers.errors import NotFound, PermanentError
 from workers.messaging.enqueue import enqueue_after_commit
 from workers.models import Payment, Refund, StateTransition
 from workers.refunds.checks import check_refunds
-from workers.refunds.retries import start_attempt
+from workers.refunds.retries import start_attempts
 from workers.refunds.submission import GatewayFor
 
 
@@ -165,18 +165,19 @@ def new_attempt(session: Session, refund_id: int, *, actor: str, reason: str, no
     if row.resolved_at is not None:
         raise RefundActionError(f"refund {refund_id} was resolved: {row.resolution}")
     if row.status == "FAILED":
-        start_attempt(
+        moved = start_attempts(
             session,
-            refund_id,
-            row.gateway_refund_id,
+            [(refund_id, row.gateway_refund_id)],
             actor=actor,
             now=now,
             reason=f"new attempt by {actor}: {reason}",
             values={"requires_manual_review": False, "last_retry_at": now},
         )
+        if not moved:
+            raise RefundActionError(f"refund {refund_id} changed meanwhile: look at it again")
         said = "FAILED -> PENDING with a new key"
     elif row.status == "PENDING":
-        audited_update(
+        sent = audited_update(
             session,
             "refunds",
             refund_id,
@@ -186,6 +187,8 @@ def new_attempt(session: Session, refund_id: int, *, actor: str, reason: str, no
             values={"requires_manual_review": False, "last_retry_at": now},
             guard=Refund.status == "PENDING",
         )
+        if not sent:
+            raise RefundActionError(f"refund {refund_id} changed meanwhile: look at it again")
         said = "PENDING, sent again with its key (the gateway is asked first if it was sent)"
     elif row.status == "PROCESSING":
         raise RefundActionError(
