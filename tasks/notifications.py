@@ -14,20 +14,20 @@ from workers.notify.delivery import (
     deliver_due,
     deliver_notification,
     policy_from,
-    replay_delivery,
-    replay_send,
+    replay_deliveries,
+    replay_sends,
     send_notification,
     sweep_outbox,
 )
 from workers.payloads import DeliverNotification, SendNotification
 
 
-@task("notifications.send", payload=SendNotification, precheck=replay_send)
+@task("notifications.send", payload=SendNotification, batch_precheck=replay_sends)
 def send(ctx: TaskContext, payload: SendNotification) -> int:
     return send_notification(ctx.session, payload, ctx.now)
 
 
-@task("notifications.deliver", payload=DeliverNotification, precheck=replay_delivery)
+@task("notifications.deliver", payload=DeliverNotification, batch_precheck=replay_deliveries)
 def deliver(ctx: TaskContext, payload: DeliverNotification) -> str:
     outcome = deliver_notification(
         ctx.steps,

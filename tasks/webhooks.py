@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from config import get_settings
@@ -26,24 +26,37 @@ def webhook_secret(provider: str) -> str | None:
     return secret.get_secret_value() if secret else None
 
 
-def event_not_recorded(session: Session, payload: dict[str, Any], actor: str) -> str | None:
-    """A replayed delivery has nothing to do once its event is recorded."""
-    provider, body = payload.get("provider"), payload.get("body")
-    if provider not in ("razorpay", "stripe") or not isinstance(body, str):
-        return None
-    try:
-        event = parse(provider, body)
-    except (MalformedWebhook, json.JSONDecodeError):
-        return None
-    seen = session.execute(
-        select(WebhookEvent.id).where(
-            WebhookEvent.provider == provider, WebhookEvent.event_id == event.event_id
-        )
-    ).scalar_one_or_none()
-    return "the event is already recorded" if seen is not None else None
+def events_not_recorded(
+    session: Session, payloads: list[dict[str, Any]], actor: str
+) -> list[str | None]:
+    """A replayed delivery has nothing to do once its event is recorded: every letter's
+    event looked up in one query (a payload that does not parse is let through, to fail again
+    naming what is wrong)."""
+    events: list[tuple[str, str] | None] = []
+    for payload in payloads:
+        provider, body = payload.get("provider"), payload.get("body")
+        if provider not in ("razorpay", "stripe") or not isinstance(body, str):
+            events.append(None)
+            continue
+        try:
+            events.append((provider, parse(provider, body).event_id))
+        except (MalformedWebhook, json.JSONDecodeError):
+            events.append(None)
+    wanted = sorted({event for event in events if event is not None})
+    seen: set[tuple[str, str]] = set()
+    if wanted:
+        seen = {
+            (row.provider, row.event_id)
+            for row in session.execute(
+                select(WebhookEvent.provider, WebhookEvent.event_id).where(
+                    tuple_(WebhookEvent.provider, WebhookEvent.event_id).in_(wanted)
+                )
+            )
+        }
+    return ["the event is already recorded" if event in seen else None for event in events]
 
 
-@task("webhooks.process", payload=ProcessWebhook, precheck=event_not_recorded)
+@task("webhooks.process", payload=ProcessWebhook, batch_precheck=events_not_recorded)
 def process(ctx: TaskContext, payload: ProcessWebhook) -> str:
     return process_webhook(
         ctx.session,

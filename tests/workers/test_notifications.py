@@ -31,8 +31,8 @@ from workers.notify.delivery import (
     deliver_due,
     deliver_notification,
     policy_from,
-    replay_delivery,
-    replay_send,
+    replay_deliveries,
+    replay_sends,
     send_notification,
     sweep_outbox,
 )
@@ -572,10 +572,11 @@ def test_the_outbox_sweep_re_sends_only_lost_deliveries(committed: Engine, redis
     with new_session() as session:
         result = sweep_outbox(Steps(session), lambda: now, after=timedelta(minutes=5))
     assert result.enqueued == 2
-    # One pump for both, not a message per row: the pump delivers every due row.
-    assert queued(redis) == [("notifications.deliver_due", {})]
-    assert row(lost).enqueued_at == now and row(by_sql).enqueued_at == now
-    assert row(recent).enqueued_at == now - timedelta(seconds=30)
+    assert queued(redis) == [
+        ("notifications.deliver", {"notification_id": lost}),
+        ("notifications.deliver", {"notification_id": by_sql}),
+    ]
+    assert row(lost).enqueued_at == now and row(recent).enqueued_at == now - timedelta(seconds=30)
     with new_session() as session:  # at once again: those were just sent
         assert sweep_outbox(Steps(session), lambda: now, after=timedelta(minutes=5)).enqueued == 0
 
@@ -615,12 +616,8 @@ def test_two_sweeps_at_once_send_each_delivery_once(committed: Engine, redis: An
         thread.start()
     for thread in threads:
         thread.join()
-    assert sum(counts) == 600  # each row taken by one sweep or the other, none by both
-    with session_scope() as session:
-        marked = session.scalar(select(func.count()).where(Notification.enqueued_at == now))
-    assert marked == 600
-    pumps = [name for name, _ in queued(redis)]
-    assert pumps in (["notifications.deliver_due"], ["notifications.deliver_due"] * 2)
+    ids = [kwargs["notification_id"] for _, kwargs in queued(redis)]
+    assert sum(counts) == 600 == len(ids) == len(set(ids))
 
 
 # -- replays, alerts, holds ---------------------------------------------------------------------
@@ -629,7 +626,6 @@ def test_two_sweeps_at_once_send_each_delivery_once(committed: Engine, redis: An
 def test_the_replay_precheck_skips_sent_and_revives_dead(
     committed: Engine, channels: Channels, sandbox: Any
 ) -> None:
-    replay = replay_delivery
     sent = send("sms", "+14155550123")
     assert deliver(sent, channels, Clock()).result == "sent"
     sandbox.add_fault("sms", "503")
@@ -639,12 +635,18 @@ def test_the_replay_precheck_skips_sent_and_revives_dead(
         outcome = deliver(dead, channels, clock)
         clock.advance(outcome.retry_in or 0)
     assert row(dead).status == "DEAD"
-    with session_scope() as session:
-        assert replay(session, {"notification_id": sent}, "ops:alice") == "already sent"
-        assert replay(session, {"notification_id": 10**9}, "ops:alice") == (
-            "notifications 1000000000 does not exist"
+    with session_scope() as session:  # the whole selection at once, as a bulk replay asks
+        answers = replay_deliveries(
+            session,
+            [
+                {"notification_id": sent},
+                {"notification_id": 10**9},
+                {"notification_id": dead},
+                {"notification_id": "not a number"},
+            ],
+            "ops:alice",
         )
-        assert replay(session, {"notification_id": dead}, "ops:alice") is None
+    assert answers == ["already sent", "notifications 1000000000 does not exist", None, None]
     revived = row(dead)
     assert (revived.status, revived.attempts, revived.in_flight_until) == ("PENDING", 0, None)
     with session_scope() as session:
@@ -659,10 +661,13 @@ def test_the_replay_precheck_skips_sent_and_revives_dead(
     assert len(sandbox.messages("sms")) == 2
     with session_scope() as session:  # a send whose dedupe key is recorded needs no replay
         key = {"dedupe_key": "k-1", "channel": "sms"}
-        assert replay_send(session, key, "ops:alice") is None
-    send("sms", "+14155550125", dedupe_key="k-1")
+        assert replay_sends(session, [key, {"channel": "sms"}], "ops:alice") == [None, None]
+    recorded = send("sms", "+14155550125", dedupe_key="k-1")
     with session_scope() as session:
-        assert replay_send(session, key, "ops:alice").startswith("already recorded as notification")
+        assert replay_sends(session, [key, {"dedupe_key": 5}], "ops:alice") == [
+            f"already recorded as notification {recorded}",
+            None,
+        ]
 
 
 def test_an_alert_is_delivered_to_the_ops_address(

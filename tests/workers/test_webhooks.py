@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, func, insert, select
 
+from tasks.webhooks import events_not_recorded
 from tests.workers.factories import CAPTURED, CURRENCY
 from workers.base import utcnow
 from workers.db import new_session, session_scope
@@ -263,3 +264,28 @@ def test_a_refund_event_may_arrive_before_we_recorded_the_refund(
         )
     body = sim.webhook_event(name, REFUND_EVENT[name], stale.id)
     assert deliver(name, body, sign(name, body)) == "ignored"
+
+
+def test_the_replay_precheck_finds_every_recorded_event_in_one_look(
+    committed: Engine, sim: Any
+) -> None:
+    """Dead letters of webhook deliveries replayed in bulk: each one whose event is already
+    recorded is unnecessary; the rest (and what does not parse) are replayed."""
+    recorded = {}
+    for name in GATEWAYS:
+        gateway_id, _ = captured(sim, name)
+        recorded[name] = sim.webhook_event(name, CAPTURE_EVENT[name], gateway_id)
+        assert deliver(name, recorded[name], sign(name, recorded[name])) == "applied"
+    fresh_id, _ = captured(sim, "stripe")
+    fresh = sim.webhook_event("stripe", CAPTURE_EVENT["stripe"], fresh_id)
+    payloads = [
+        {"provider": "razorpay", "body": recorded["razorpay"], "signature": "s"},
+        {"provider": "stripe", "body": fresh, "signature": "s"},
+        {"provider": "stripe", "body": recorded["stripe"], "signature": "s"},
+        {"provider": "stripe", "body": "{not json", "signature": "s"},
+        {"provider": "paypal", "body": "{}", "signature": "s"},
+    ]
+    with session_scope() as session:
+        answers = events_not_recorded(session, payloads, "ops:alice")
+    done = "the event is already recorded"
+    assert answers == [done, None, done, None, None]

@@ -18,6 +18,7 @@ from workers.db.transitions import (
     transition,
     transition_batch,
     transition_rows,
+    update_each,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "transition",
     "transition_batch",
     "transition_rows",
+    "update_each",
 ]

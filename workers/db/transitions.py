@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Select,
+    Table,
     any_,
     bindparam,
     column,
@@ -190,6 +191,50 @@ def transition(
     raise TransientError(f"{entity} {entity_id}: status kept changing under {to} transition")
 
 
+def update_each(
+    session: Session,
+    table: Table,
+    changes: Mapping[int, Mapping[str, Any]],
+    *,
+    values: Mapping[str, Any] | None = None,
+    where: ColumnElement[bool] | None = None,
+) -> list[int]:
+    """Set each row's own column values (`changes[id]`, the same columns for every row) and
+    `values` on all of them, where `where` still holds, in one statement on Postgres (UPDATE
+    ... FROM (VALUES ...)); returns the ids changed. SQLite: the transaction holds the write
+    lock, so it reads which rows qualify, then updates them."""
+    if not changes:
+        return []
+    names = sorted(next(iter(changes.values())))
+    common = dict(values or {})
+    conditions = [] if where is None else [where]
+    if is_postgres(session):
+        given = sa_values(
+            column("id", table.c.id.type),
+            *(column(name, table.c[name].type) for name in names),
+            name="given",
+        ).data([(key, *(row[name] for name in names)) for key, row in changes.items()])
+        return sorted(
+            session.execute(
+                update(table)
+                .where(table.c.id == given.c.id, *conditions)
+                .values(**common, **{name: given.c[name] for name in names})
+                .returning(table.c.id)
+            ).scalars()
+        )
+    found = list(
+        session.execute(
+            select(table.c.id).where(table.c.id.in_(list(changes)), *conditions)
+        ).scalars()
+    )
+    if found:
+        session.execute(
+            update(table).where(table.c.id == bindparam("target")),
+            [{"target": key, **common, **changes[key]} for key in found],
+        )
+    return sorted(found)
+
+
 def transition_rows(
     session: Session,
     entity: str,
@@ -211,35 +256,13 @@ def transition_rows(
     if not changes:
         return []
     table = MODELS[entity].__table__
-    names = sorted(next(iter(changes.values())))
-    common = {"status": to, "updated_at": now, **dict(values or {})}
-    if is_postgres(session):
-        given = sa_values(
-            column("id", table.c.id.type),
-            *(column(name, table.c[name].type) for name in names),
-            name="given",
-        ).data([(key, *(row[name] for name in names)) for key, row in changes.items()])
-        moved = list(
-            session.execute(
-                update(table)
-                .where(table.c.id == given.c.id, table.c.status == from_status)
-                .values(**common, **{name: given.c[name] for name in names})
-                .returning(table.c.id)
-            ).scalars()
-        )
-    else:  # SQLite: the transaction holds the write lock, so a read then a write is as safe
-        moved = list(
-            session.execute(
-                select(table.c.id).where(
-                    table.c.id.in_(list(changes)), table.c.status == from_status
-                )
-            ).scalars()
-        )
-        if moved:
-            session.execute(
-                update(table).where(table.c.id == bindparam("target")),
-                [{"target": key, **common, **changes[key]} for key in moved],
-            )
+    moved = update_each(
+        session,
+        table,
+        changes,
+        values={"status": to, "updated_at": now, **dict(values or {})},
+        where=table.c.status == from_status,
+    )
     if moved:
         session.execute(
             insert(StateTransition.__table__),

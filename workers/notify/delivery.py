@@ -12,8 +12,7 @@ writes its dead letter, as a `notifications.deliver` payload an operator can rep
 
 New notifications are delivered in batches by `notifications.deliver_due` pumps, which every
 commit that writes notifications asks for (debounced through Redis, so a burst of sends shares
-a few pumps instead of costing a task each). The outbox sweep finds what a lost message left,
-and kicks a pump for it too.
+a few pumps instead of costing a task each). The outbox sweep finds what a lost message left.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from config.celery import max_countdown
-from workers.db import Steps, claim, is_postgres, transition, transition_batch
+from workers.db import Steps, claim, is_postgres, transition, transition_batch, update_each
 from workers.db.upsert import insert_ignore
 from workers.dead_letters import record_dead_letter
 from workers.errors import Classification, NotFound, PermanentError, classify, one_line
@@ -486,6 +485,7 @@ def record_deliveries(
     attempts: list[dict[str, Any]] = []
     delivered: list[int] = []
     outcomes: list[Outcome] = []
+    retries: dict[int, dict[str, Any]] = {}  # the next attempt of each transient failure
     for claimed, sent in results:
         error = claimed.problem or sent.error()
         row = {
@@ -520,8 +520,17 @@ def record_deliveries(
         attempts.append(
             {**row, "outcome": classify(error).value, "error": message, "provider_ref": None}
         )
-        outcomes.append(_failed(session, claimed, error, message, now, policy, actor, task_id, rng))
+        outcomes.append(
+            _failed(session, claimed, error, message, now, policy, actor, task_id, rng, retries)
+        )
     session.execute(insert(NotificationAttempt), attempts)
+    if retries:  # every transient failure's next attempt in one statement
+        update_each(
+            session,
+            Notification.__table__,
+            retries,
+            values={"in_flight_until": None, "enqueued_at": now, "updated_at": now},
+        )
     if delivered:
         transition_batch(
             session,
@@ -547,24 +556,19 @@ def _failed(
     actor: str,
     task_id: str | None,
     rng: random.Random | None,
+    retries: dict[int, dict[str, Any]],
 ) -> Outcome:
-    """A failed attempt: the next one scheduled with backoff, or DEAD and a dead letter."""
+    """A failed attempt: the next one scheduled with backoff (its row's update added to
+    `retries`, written with the others), or DEAD and a dead letter."""
     notification_id, attempt = claimed.notification_id, claimed.attempt
     extra = {"notification_id": notification_id, "attempt": attempt, "channel": claimed.channel}
     kind = classify(error)
     if kind is Classification.TRANSIENT and attempt < policy.max_attempts:
         delay = policy.delay(attempt, rng)
-        session.execute(
-            update(Notification)
-            .where(Notification.id == notification_id)
-            .values(
-                in_flight_until=None,
-                last_error=message,
-                next_attempt_at=now + timedelta(seconds=delay),
-                enqueued_at=now,
-                updated_at=now,
-            )
-        )
+        retries[notification_id] = {
+            "last_error": message,
+            "next_attempt_at": now + timedelta(seconds=delay),
+        }
         enqueue_after_commit(
             session, "notifications.deliver", {"notification_id": notification_id}, countdown=delay
         )
@@ -649,13 +653,11 @@ def sweep_outbox(
     batch_size: int = 1000,
     time_budget: float = 30.0,
 ) -> SweepResult:
-    """Deliver again every PENDING notification that is due, not in flight, and whose last
-    delivery message should have run at least `after` ago: that message was lost (a broker
-    restart, a crash between commit and send), or the row was written by plain SQL with none.
-    Each batch is claimed with SKIP LOCKED and marked enqueued before its commit (two sweeps at
-    once never take the same notification), and a `notifications.deliver_due` pump is kicked
-    once it commits: pumps deliver due rows in batches, and share a backlog out among
-    themselves, where one message per row would cost a task each (50,000 after an outage)."""
+    """Send a delivery again for every PENDING notification that is due, not in flight, and
+    whose last delivery message should have run at least `after` ago: that message was lost
+    (a broker restart, a crash between commit and send), or the row was written by plain SQL
+    with none. Each batch is claimed with SKIP LOCKED and marked enqueued before its commit,
+    so two sweeps at once never send the same notification twice."""
 
     result = SweepResult()
     deadline = time.monotonic() + time_budget
@@ -682,7 +684,10 @@ def sweep_outbox(
                 session.execute(
                     update(Notification).where(Notification.id.in_(ids)).values(enqueued_at=now)
                 )
-                kick_after_commit(session)
+                for notification_id in ids:
+                    enqueue_after_commit(
+                        session, "notifications.deliver", {"notification_id": notification_id}
+                    )
         result.enqueued += len(ids)
         result.batches += 1
         if len(ids) < batch_size or time.monotonic() >= deadline:
@@ -692,25 +697,35 @@ def sweep_outbox(
 # -- replay preconditions (the tasks' prechecks) -------------------------------------------------
 
 
-def replay_delivery(session: Session, payload: dict[str, Any], actor: str) -> str | None:
-    """A SENT notification is never sent again. A DEAD one goes back to PENDING, audited with
-    the operator, with a fresh set of attempts, due now, for the replayed delivery to send."""
-    notification_id = payload.get("notification_id")
-    if not isinstance(notification_id, int):
-        return None  # an invalid payload: the replay dead-letters it again, naming the field
-    status = session.execute(
-        select(Notification.status).where(Notification.id == notification_id).with_for_update()
-    ).scalar_one_or_none()
-    if status is None:
-        return f"notifications {notification_id} does not exist"
-    if status == "SENT":
-        return "already sent"
-    if status == "DEAD":
+def replay_deliveries(
+    session: Session, payloads: Sequence[dict[str, Any]], actor: str
+) -> list[str | None]:
+    """The replay precheck of `notifications.deliver`, for a whole batch of letters at once:
+    a SENT notification is never sent again; the DEAD ones go back to PENDING in one audited
+    batch transition, with a fresh set of attempts, due now, for the replayed deliveries to
+    send. An invalid payload is let through: its replay dead-letters it again, naming the
+    field."""
+    wanted = {
+        p["notification_id"]
+        for p in payloads
+        if isinstance(p.get("notification_id"), int) and not isinstance(p["notification_id"], bool)
+    }
+    statuses = dict(
+        session.execute(
+            select(Notification.id, Notification.status)
+            .where(Notification.id.in_(sorted(wanted)))
+            .order_by(Notification.id)
+            .with_for_update()
+        ).all()
+    )
+    dead = sorted(key for key, status in statuses.items() if status == "DEAD")
+    if dead:
         now = datetime.now(UTC)
-        transition(
+        transition_batch(
             session,
             "notifications",
-            notification_id,
+            select(Notification.id).where(Notification.id.in_(dead)),
+            "DEAD",
             "PENDING",
             actor=actor,
             reason="dead letter replayed",
@@ -722,16 +737,34 @@ def replay_delivery(session: Session, payload: dict[str, Any], actor: str) -> st
                 "in_flight_until": None,
             },
         )
-    return None
+    answers: list[str | None] = []
+    for payload in payloads:
+        notification_id = payload.get("notification_id")
+        if notification_id not in wanted:
+            answers.append(None)
+        elif notification_id not in statuses:
+            answers.append(f"notifications {notification_id} does not exist")
+        else:
+            answers.append("already sent" if statuses[notification_id] == "SENT" else None)
+    return answers
 
 
-def replay_send(session: Session, payload: dict[str, Any], actor: str) -> str | None:
-    """A send whose dedupe key is already in the table was recorded: replaying it would only
-    return that notification."""
-    key = payload.get("dedupe_key")
-    if not isinstance(key, str):
-        return None
-    existing = session.execute(
-        select(Notification.id).where(Notification.dedupe_key == key)
-    ).scalar_one_or_none()
-    return None if existing is None else f"already recorded as notification {existing}"
+def replay_sends(
+    session: Session, payloads: Sequence[dict[str, Any]], actor: str
+) -> list[str | None]:
+    """The replay precheck of `notifications.send`, for a batch: a send whose dedupe key is
+    already in the table was recorded, and replaying it would only return that notification."""
+    keys = {p["dedupe_key"] for p in payloads if isinstance(p.get("dedupe_key"), str)}
+    existing = dict(
+        session.execute(
+            select(Notification.dedupe_key, Notification.id).where(
+                Notification.dedupe_key.in_(sorted(keys))
+            )
+        ).all()
+    )
+    answers: list[str | None] = []
+    for payload in payloads:
+        key = payload.get("dedupe_key")
+        found = existing.get(key) if isinstance(key, str) else None
+        answers.append(None if found is None else f"already recorded as notification {found}")
+    return answers
