@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import redis as redis_lib
 from click.testing import CliRunner
 from sqlalchemy import Engine
 
+from tests.conftest import service_env
 from tests.workers.factories import add_hold
 from tests.workers.test_dlq import dispatched, letter, row, sent
 from workers.cli import main
@@ -138,3 +142,47 @@ def test_usage_errors_are_one_line(committed: Engine) -> None:
     assert "give dead letter ids, or --all" in run("dlq", "replay").output
     result = run("dlq", "discard", "1")
     assert result.exit_code == 2 and "Missing option '--reason'" in result.output
+
+
+def test_a_bulk_action_shows_a_progress_bar_on_a_terminal_and_nothing_with_json(
+    committed: Engine, hold: int
+) -> None:
+    """Run as an operator runs it: stderr a real terminal (a pseudo-terminal here)."""
+    for _ in range(3):
+        letter("holds.expire", {"hold_id": hold})
+    args = ["dlq", "discard", "--all", "--task", "holds.*", "--reason", "test", "--dry-run"]
+    shown = on_a_terminal(*args)
+    assert "discard 3 dead letters" in shown and "100%" in shown
+    quiet = on_a_terminal(*args, "--json")
+    assert "discard 3 dead letters" not in quiet and '"matched": 3' in quiet
+
+
+def on_a_terminal(*args: str) -> str:
+    """The command's stdout and stderr, with stderr on a pseudo-terminal."""
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "workers.cli", *args],
+            env=service_env(BACKSTOP_ACTOR="ops:carol"),
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            timeout=60,
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed: everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    assert done.returncode == 0, seen
+    return done.stdout + seen.decode(errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from dataclasses import astuple
@@ -304,16 +305,23 @@ def in_bulk(
                     f"refusing to {action} {seen.count} dead letters without --yes"
                 )
             click.confirm(f"{action} {seen.count} dead letters?", abort=True)
-        shown = not as_json and seen.count > BATCH_SHOWN
-
-        def progress(counts: Any) -> None:
-            if shown:
-                click.echo(f"  {counts.taken}/{seen.count}", err=True)
-
+        # A progress bar on a terminal; nothing for scripts (--json, or no terminal).
+        shown = not as_json and sys.stderr.isatty()
         steps = DryRunSteps(session) if dry_run else Steps(session)
-        counts = act_on_selection(
-            steps, selection, action, actor=actor, reason=reason, now=now, progress=progress
-        )
+        with click.progressbar(
+            length=seen.count,
+            label=f"{action} {seen.count:,} dead letters",
+            file=sys.stderr if shown else io.StringIO(),
+        ) as bar:
+            done = [0]
+
+            def progress(counts: Any) -> None:
+                bar.update(counts.taken - done[0])
+                done[0] = counts.taken
+
+            counts = act_on_selection(
+                steps, selection, action, actor=actor, reason=reason, now=now, progress=progress
+            )
     finally:
         session.rollback()
         session.close()
@@ -329,9 +337,6 @@ def in_bulk(
         click.echo(f"dry run: {seen.count} matched; would be {done}; nothing changed or sent")
     else:
         click.echo(f"{seen.count} matched: {done}")
-
-
-BATCH_SHOWN = 5000  # progress is shown for actions larger than one batch
 
 
 def edited_payload(session: Any, letter_id: int, given: str | None) -> dict[str, Any]:
