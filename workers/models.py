@@ -180,6 +180,9 @@ class Refund(Timestamps, Base):
     # when and how. The retry job and the escalation never take a resolved refund again.
     resolved_at: Mapped[datetime | None]
     resolution: Mapped[str | None] = mapped_column(Text)
+    # When a person last acted on it (sent it again, resolved it): the escalation's day counts
+    # from then, not from `created_at`, or a refund sent again would be escalated straight back.
+    reviewed_at: Mapped[datetime | None]
 
 
 NOTIFICATION_STATUSES = ("PENDING", "SENT", "DEAD")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 
 from tests.workers.factories import add_hold
 from workers.db import Steps, new_session, session_scope
@@ -444,12 +444,23 @@ def test_a_bulk_replay_closes_what_has_nothing_left_to_do_and_takes_no_later_let
     with session_scope() as session:
         open_hold = add_hold(session, T0 + timedelta(hours=2))
         done_hold = add_hold(session, T0 + timedelta(hours=2), status="CONFIRMED")
+    changed = letter("holds.expire", {"hold_id": open_hold})
+    with session_scope() as session:
+        session.execute(
+            update(DeadLetter).where(DeadLetter.id == changed).values(status="RETRYING")
+        )
     wanted = letter("holds.expire", {"hold_id": open_hold})
     finished = letter("holds.expire", {"hold_id": done_hold})
     with session_scope() as session:
         seen = preview(session, Selection(Filters(task="holds.*"), T0), "replay")
     assert (seen.count, seen.up_to, seen.by_task) == (2, finished, [("holds.expire", 2)])
     later = letter("holds.expire", {"hold_id": open_hold})  # arrives after the count was shown
+    with session_scope() as session:  # a replay in flight when counted fails back to NEW after
+        session.execute(
+            update(DeadLetter)
+            .where(DeadLetter.id == changed)
+            .values(status="NEW", updated_at=T0 + timedelta(seconds=1))
+        )
     with session_scope() as session:
         counts = act_on_selection(
             Steps(session),
@@ -460,7 +471,12 @@ def test_a_bulk_replay_closes_what_has_nothing_left_to_do_and_takes_no_later_let
             now=T0,
         )
     assert counts.as_dict() == {"taken": 2, "replayed": 1, "unnecessary": 1, "discarded": 0}
-    assert [row(i).status for i in (wanted, finished, later)] == ["RETRYING", "DISCARDED", "NEW"]
+    assert [row(i).status for i in (wanted, finished, later, changed)] == [
+        "RETRYING",
+        "DISCARDED",
+        "NEW",
+        "NEW",
+    ]
     assert row(finished).resolution.startswith("replay unnecessary: ")  # type: ignore[union-attr]
     assert [header for _, _, header in dispatched(redis)] == [wanted]
 

@@ -26,6 +26,7 @@ from workers.db import Steps, session_scope
 from workers.models import StateTransition
 from workers.refunds import review
 from workers.refunds.retries import retry_stuck_refunds
+from workers.refunds.submission import SUPERSEDED
 
 STUCK = timedelta(hours=1)
 
@@ -183,3 +184,37 @@ def test_sending_a_pending_refund_again_keeps_its_key_and_makes_it_once(
     assert submit(refund_id, gateways) == "COMPLETED"  # what the sent task does
     assert refund(refund_id).idempotency_key == key
     assert sim.effects()["refunds_created"] == 1 and made_once(sim)
+
+
+def test_a_refund_sent_again_from_review_is_not_escalated_straight_back(
+    committed: Engine, sim: Any, redis: redis_lib.Redis
+) -> None:
+    """Escalated after a day, sent again by an operator: the escalation's day starts again."""
+    refund_id = add_refund(sim, "stripe", created_at=T0 - timedelta(days=3))
+    set_row(refund_id, status="FAILED", attempts=1, requires_manual_review=True)
+    with session_scope() as session:
+        review.new_attempt(session, refund_id, actor="alice", reason="card fixed", now=T0)
+    with session_scope() as session:
+        counts = retry_stuck_refunds(Steps(session), Clock(T0 + timedelta(minutes=30)), POLICY)
+    assert counts.escalated == 0 and refund(refund_id).requires_manual_review is False
+    with session_scope() as session:
+        later = retry_stuck_refunds(
+            Steps(session), Clock(T0 + timedelta(days=1, minutes=1)), POLICY
+        )
+    assert later.escalated == 1  # still unresolved a day after the operator's attempt
+
+
+def test_no_new_key_for_a_refund_whose_earlier_attempt_exists_at_the_gateway(
+    committed: Engine, sim: Any
+) -> None:
+    refund_id = add_refund(sim, "stripe")
+    set_row(
+        refund_id,
+        status="FAILED",
+        requires_manual_review=True,
+        last_error=f"{SUPERSEDED}: gateway refund re_1 (succeeded) was made for key k-1",
+    )
+    with session_scope() as session, pytest.raises(review.RefundActionError) as refused:
+        review.new_attempt(session, refund_id, actor="alice", reason="again", now=T0)
+    assert "a new attempt could refund twice" in str(refused.value)
+    assert refund(refund_id).status == "FAILED"

@@ -53,7 +53,9 @@ class Selection:
         query = Filters(**{**self.filters.__dict__, "statuses": ()}).select(self.now)
         query = query.where(DeadLetter.status.in_(statuses))
         if self.up_to is not None:
-            query = query.where(DeadLetter.id <= self.up_to)
+            # Only what the operator was shown: no letter that arrived, or changed (a failed
+            # replay back to NEW, a stale one to manual review), after the count.
+            query = query.where(DeadLetter.id <= self.up_to, DeadLetter.updated_at <= self.now)
         return query
 
 

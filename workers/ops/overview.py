@@ -111,6 +111,7 @@ def refund_outcomes_per_day(session: Session, now: datetime, days: int = 14) -> 
             StateTransition.entity == "refunds",
             StateTransition.at >= now - timedelta(days=days),
             StateTransition.to_status.in_(("COMPLETED", "FAILED")),
+            StateTransition.from_status != StateTransition.to_status,  # not a person's note
         )
         .group_by(day, StateTransition.to_status)
     ).all()

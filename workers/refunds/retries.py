@@ -5,6 +5,7 @@ REFUND_ESCALATE_AFTER_SECONDS goes to manual review with an alert."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from workers.db import Steps, claim, transition_rows
@@ -92,7 +93,8 @@ def escalate_unresolved(session: Session, now: datetime, policy: RetryPolicy) ->
     manual review, in one statement: none is retried automatically again. A second run at the
     same moment waits on the rows and then finds them flagged, so each is escalated once."""
     open_refund = (Refund.status != "COMPLETED") & Refund.requires_manual_review.is_(False)
-    overdue = (Refund.created_at <= now - policy.escalate_after) | (
+    since = func.coalesce(Refund.reviewed_at, Refund.created_at)
+    overdue = (since <= now - policy.escalate_after) | (
         (Refund.status == "FAILED") & (Refund.attempts >= policy.max_attempts)
     )
     rows = session.execute(
@@ -126,7 +128,9 @@ def alert_escalated(session: Session, escalated: list[Escalated], now: datetime)
         f"{len(ids)} refund{'' if single else 's'} need{'s' if single else ''} manual review "
         f"and will not be retried automatically ({kinds}; oldest: refund {oldest.id}, since "
         f"{oldest.created_at.isoformat()}): {named}",
-        dedupe=f"refund-manual-review:{ids[0]}:{ids[-1]}:{len(ids)}",
+        # One page per run: its time and the very set of refunds it escalated.
+        dedupe="refund-manual-review:"
+        + hashlib.sha256(f"{now.isoformat()}:{ids}".encode()).hexdigest()[:24],
         now=now,
         count=len(ids),
         refund_ids=",".join(map(str, ids)),

@@ -30,7 +30,7 @@ from workers.messaging.enqueue import enqueue_after_commit
 from workers.models import Payment, Refund, StateTransition
 from workers.refunds.checks import check_refunds
 from workers.refunds.retries import start_attempts
-from workers.refunds.submission import GatewayFor
+from workers.refunds.submission import SUPERSEDED, GatewayFor
 
 
 class RefundActionError(PermanentError):
@@ -161,9 +161,16 @@ def new_attempt(session: Session, refund_id: int, *, actor: str, reason: str, no
     (re-check it); a COMPLETED one is done."""
     if not reason.strip():
         raise RefundActionError("a new attempt needs a reason")
+    # Locked: a resolve (or another new attempt) at the same moment waits, then sees this one.
+    session.execute(select(Refund.id).where(Refund.id == refund_id).with_for_update())
     row = story(session, refund_id).refund
     if row.resolved_at is not None:
         raise RefundActionError(f"refund {refund_id} was resolved: {row.resolution}")
+    if (row.last_error or "").startswith(SUPERSEDED):
+        raise RefundActionError(
+            f"refund {refund_id}: {row.last_error}; check the payment's refunds at the gateway, "
+            "then resolve it: a new attempt could refund twice"
+        )
     if row.status == "FAILED":
         moved = start_attempts(
             session,
@@ -171,7 +178,7 @@ def new_attempt(session: Session, refund_id: int, *, actor: str, reason: str, no
             actor=actor,
             now=now,
             reason=f"new attempt by {actor}: {reason}",
-            values={"requires_manual_review": False, "last_retry_at": now},
+            values={"requires_manual_review": False, "last_retry_at": now, "reviewed_at": now},
         )
         if not moved:
             raise RefundActionError(f"refund {refund_id} changed meanwhile: look at it again")
@@ -184,7 +191,7 @@ def new_attempt(session: Session, refund_id: int, *, actor: str, reason: str, no
             actor=actor,
             reason=f"sent again with its key by {actor}: {reason}",
             now=now,
-            values={"requires_manual_review": False, "last_retry_at": now},
+            values={"requires_manual_review": False, "last_retry_at": now, "reviewed_at": now},
             guard=Refund.status == "PENDING",
         )
         if not sent:
@@ -213,7 +220,7 @@ def resolve(session: Session, refund_id: int, *, actor: str, reason: str, now: d
         actor=actor,
         reason=f"manual review resolved: {reason}",
         now=now,
-        values={"resolved_at": now, "resolution": reason},
+        values={"resolved_at": now, "resolution": reason, "reviewed_at": now},
         guard=Refund.requires_manual_review.is_(True) & Refund.resolved_at.is_(None),
     )
     if not changed:

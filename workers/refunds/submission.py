@@ -179,6 +179,11 @@ def record_outcome(
     return result.status
 
 
+# What `last_error` says of a refund whose earlier attempt the gateway made after a newer one
+# started: a person must look at the gateway before any new key is issued.
+SUPERSEDED = "an earlier attempt's refund exists at the gateway"
+
+
 def superseded_outcome(
     session: Session, refund_id: int, key: str | None, result: GatewayRefund, now: datetime
 ) -> str:
@@ -194,7 +199,12 @@ def superseded_outcome(
         session.execute(
             update(Refund)
             .where(Refund.id == refund_id)
-            .values(requires_manual_review=True, updated_at=now)
+            .values(
+                requires_manual_review=True,
+                updated_at=now,
+                last_error=f"{SUPERSEDED}: gateway refund {result.id} ({result.raw_status}) "
+                f"was made for key {key}",
+            )
         )
         raise_alert(
             session,
