@@ -215,8 +215,8 @@ def page_queries(engine: Engine, letter_id: int, run_id: int) -> dict[str, Any]:
 
     from sqlalchemy import select
 
-    from workers.console.views import OPEN_STATUSES
     from workers.dlq.browse import Filters, groups_query
+    from workers.dlq.replay import OPEN
     from workers.models import DeadLetter
     from workers.observability.health import OPEN_LETTERS
     from workers.reconciliation.review import FindingFilters, findings_query
@@ -224,7 +224,7 @@ def page_queries(engine: Engine, letter_id: int, run_id: int) -> dict[str, Any]:
 
     now = datetime.now(UTC)
     return {
-        "dead-letter list": groups_query(Filters(statuses=OPEN_STATUSES).select(now)),
+        "dead-letter list": groups_query(Filters(statuses=OPEN).select(now)),
         "filtered list": groups_query(
             Filters(task="refunds.*", statuses=("MANUAL_REVIEW",), error="bench").select(now)
         ),

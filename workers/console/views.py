@@ -28,7 +28,7 @@ from workers.console.auth import User
 from workers.db import session_scope
 from workers.dlq import browse
 from workers.dlq.bulk import BATCH, Selection, preview
-from workers.dlq.replay import ReplayError, discard, payload_diff, replay, validate_for
+from workers.dlq.replay import OPEN, ReplayError, discard, payload_diff, replay, validate_for
 from workers.errors import PayloadError
 from workers.messaging.enqueue import send
 from workers.models import CLASSIFICATIONS, DEAD_LETTER_STATUSES, DeadLetter
@@ -119,16 +119,13 @@ def filter_args(args: Any) -> dict[str, list[str]]:
     return {key: [v for v in args.getlist(key) if v] for key in FILTER_FIELDS if args.get(key)}
 
 
-# What the list shows until the operator picks a status: the letters someone may act on.
-OPEN_STATUSES = ("NEW", "MANUAL_REVIEW", "RETRYING")
-
-
 def statuses_from(args: Any) -> tuple[str, ...]:
-    """The chosen statuses: none chosen is the open ones; "any" is every status."""
+    """The chosen statuses: none chosen is the open ones (what someone may act on); "any" is
+    every status."""
     chosen = args.getlist("status")
     if "any" in chosen:
         return ()
-    return tuple(s for s in chosen if s in DEAD_LETTER_STATUSES) or OPEN_STATUSES
+    return tuple(s for s in chosen if s in DEAD_LETTER_STATUSES) or OPEN
 
 
 def filters_from(args: Any) -> browse.Filters:

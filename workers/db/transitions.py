@@ -123,6 +123,35 @@ class Transition:
     changed: bool
 
 
+def audit(
+    session: Session,
+    entity: str,
+    reasons: Mapping[int, str | None],
+    from_status: str,
+    to: str,
+    *,
+    actor: str,
+    now: datetime,
+) -> None:
+    """The audit rows of a change: one per row id, with its own reason, in one INSERT."""
+    if reasons:
+        session.execute(
+            insert(StateTransition.__table__),
+            [
+                {
+                    "entity": entity,
+                    "entity_id": key,
+                    "from_status": from_status,
+                    "to_status": to,
+                    "actor": actor,
+                    "reason": reason,
+                    "at": now,
+                }
+                for key, reason in reasons.items()
+            ],
+        )
+
+
 def sources(entity: str, to: str) -> frozenset[str]:
     try:
         return MACHINES[entity][to]
@@ -170,17 +199,7 @@ def transition(
         if guard is not None:
             stmt = stmt.where(guard)
         if session.execute(stmt).rowcount == 1:
-            session.execute(
-                insert(StateTransition).values(
-                    entity=entity,
-                    entity_id=entity_id,
-                    from_status=current,
-                    to_status=to,
-                    actor=actor,
-                    reason=reason,
-                    at=now,
-                )
-            )
+            audit(session, entity, {entity_id: reason}, current, to, actor=actor, now=now)
             return Transition(entity, entity_id, current, to, changed=True)
         if guard is not None:
             still = session.execute(
@@ -263,22 +282,8 @@ def transition_rows(
         values={"status": to, "updated_at": now, **dict(values or {})},
         where=table.c.status == from_status,
     )
-    if moved:
-        session.execute(
-            insert(StateTransition.__table__),
-            [
-                {
-                    "entity": entity,
-                    "entity_id": key,
-                    "from_status": from_status,
-                    "to_status": to,
-                    "actor": actor,
-                    "reason": reasons.get(key),
-                    "at": now,
-                }
-                for key in moved
-            ],
-        )
+    reasons_moved = {key: reasons.get(key) for key in moved}
+    audit(session, entity, reasons_moved, from_status, to, actor=actor, now=now)
     return sorted(moved)
 
 
@@ -312,17 +317,7 @@ def audited_update(
         if exists is None:
             raise NotFound(f"{entity} {entity_id} does not exist")
         return False
-    session.execute(
-        insert(StateTransition).values(
-            entity=entity,
-            entity_id=entity_id,
-            from_status=status,
-            to_status=status,
-            actor=actor,
-            reason=reason,
-            at=now,
-        )
-    )
+    audit(session, entity, {entity_id: reason}, status, status, actor=actor, now=now)
     return True
 
 
@@ -410,22 +405,8 @@ class BatchTransition:
         if not ids:
             return []
         changed = list(session.execute(self._sqlite_update, {"ids": ids, "now": now}).scalars())
-        if changed:
-            session.execute(
-                insert(StateTransition.__table__),
-                [
-                    {
-                        "entity": self.entity,
-                        "entity_id": entity_id,
-                        "from_status": self.from_status,
-                        "to_status": self.to,
-                        "actor": self.actor,
-                        "reason": self.reason,
-                        "at": now,
-                    }
-                    for entity_id in changed
-                ],
-            )
+        reasons = dict.fromkeys(changed, self.reason)
+        audit(session, self.entity, reasons, self.from_status, self.to, actor=self.actor, now=now)
         return changed
 
 

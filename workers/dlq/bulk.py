@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, Text, column, func, select, update, values
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from workers.application import app
-from workers.db import Steps, is_postgres, transition_batch
+from workers.db import Steps, transition_batch, update_each
 from workers.dead_letters import HEADER, add_events, event
 from workers.dlq.browse import Filters
 from workers.dlq.replay import OPEN, UNNECESSARY, run_prechecks
@@ -237,21 +237,8 @@ def move(
 
 def record_resolutions(session: Session, resolutions: dict[int, str]) -> None:
     """Each letter's own resolution (what its precheck said), in one statement."""
-    if resolutions and not is_postgres(session):  # SQLite: no column list on VALUES
-        session.execute(
-            update(DeadLetter),
-            [{"id": key, "resolution": why} for key, why in resolutions.items()],
-        )
-    elif resolutions:  # one UPDATE ... FROM (VALUES ...), not one statement per letter
-        given = values(column("id", DeadLetter.id.type), column("why", Text()), name="given").data(
-            list(resolutions.items())
-        )
-        session.execute(
-            update(DeadLetter)
-            .where(DeadLetter.id == given.c.id)
-            .values(resolution=given.c.why)
-            .execution_options(synchronize_session=False)
-        )
+    changes = {key: {"resolution": why} for key, why in resolutions.items()}
+    update_each(session, DeadLetter.__table__, changes)
 
 
 def send_replays(session: Session, letter_ids: Sequence[int]) -> None:
