@@ -7,10 +7,12 @@ import time
 import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
 from tests.conftest import utc
 from tests.workers.factories import add_holds
 from workers.db import (
+    analyze_if_stale,
     on_commit,
     session_scope,
 )
@@ -76,3 +78,49 @@ def test_error_sorting_of_real_database_errors(committed: Engine) -> None:
         unreachable.connect()
     assert time.monotonic() - started < 5
     assert classify(refused.value) is Classification.TRANSIENT
+
+
+def _estimated_rows(engine: Engine, where: str) -> int:
+    with engine.connect() as conn:
+        plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) SELECT id FROM dead_letters {where}"))
+        return int(plan.scalar()[0]["Plan"]["Plan Rows"])
+
+
+def test_a_table_a_batch_has_just_changed_is_analyzed_before_the_next_bulk_run(
+    committed: Engine,
+) -> None:
+    with committed.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO dead_letters (task_name, error_type, error_message, status) "
+                "SELECT 'holds.expire', 'E', 'm', 'NEW' FROM generate_series(1, 5000)"
+            )
+        )
+    with committed.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE dead_letters"))
+        # Autovacuum must not analyze it first (it would, within a minute).
+        conn.execute(text("ALTER TABLE dead_letters SET (autovacuum_enabled = false)"))
+    try:
+        _analyze_before_the_next_bulk_run(committed)
+    finally:
+        with committed.begin() as conn:
+            conn.execute(text("ALTER TABLE dead_letters RESET (autovacuum_enabled)"))
+
+
+def _analyze_before_the_next_bulk_run(committed: Engine) -> None:
+    # What triage leaves: every letter out of NEW, a moment before the operator's bulk replay.
+    with committed.begin() as conn:
+        conn.execute(text("UPDATE dead_letters SET status = 'MANUAL_REVIEW'"))
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+    assert _estimated_rows(committed, "WHERE status = 'MANUAL_REVIEW'") < 10
+
+    with Session(committed) as session:
+        deadline = time.monotonic() + 10
+        while not (analyzed := analyze_if_stale(session, "dead_letters")):
+            session.rollback()  # a fresh snapshot of the statistics counters
+            assert time.monotonic() < deadline, "the 5,000 changed rows never showed as stale"
+            time.sleep(0.1)
+        session.commit()
+        assert analyzed
+        assert _estimated_rows(committed, "WHERE status = 'MANUAL_REVIEW'") > 4000
+        assert analyze_if_stale(session, "dead_letters") is False

@@ -9,6 +9,7 @@ from workers.db.engine import (
     session_scope,
 )
 from workers.db.locks import claim, is_postgres
+from workers.db.statistics import analyze_if_stale
 from workers.db.steps import DryRunSteps, Steps, steps_on_one_connection
 from workers.db.transitions import (
     MACHINES,
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidTransition",
     "Steps",
     "Transition",
+    "analyze_if_stale",
     "audited_update",
     "claim",
     "dispose_engine",

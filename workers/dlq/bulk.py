@@ -22,7 +22,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from workers.application import app
-from workers.db import Steps, transition_batch, update_each
+from workers.db import Steps, analyze_if_stale, transition_batch, update_each
 from workers.dead_letters import HEADER, add_events, event
 from workers.dlq.browse import Filters
 from workers.dlq.replay import OPEN, UNNECESSARY, run_prechecks
@@ -118,6 +118,8 @@ def act_on_selection(
     if not reason.strip():
         raise ValueError(f"a bulk {action} needs a reason")
     counts = BulkCounts()
+    with steps.step("statistics") as session:
+        analyze_if_stale(session, DeadLetter.__tablename__)
     after = 0
     query = selection.query(action).with_only_columns(
         DeadLetter.id, DeadLetter.task_name, DeadLetter.status, DeadLetter.payload
