@@ -68,6 +68,14 @@ def test_the_notification_bench_delivers_each_notification_once(
     assert "emails received 500 + 500 for 500 + 500 notifications, 0 dead: PASS" in out
 
 
+def test_the_outage_drill_drains_with_no_refund_made_twice(committed: Engine, redis: Any) -> None:
+    out = run_quick("outage.py")
+    assert "drained: PASS" in out
+    assert "twice 0 (must be 0: PASS)" in out
+    assert "SMS received 1,000 for 1,000" in out
+    assert "1 alert for 1,000 refunds" in out
+
+
 def test_the_triage_bench_decides_every_letter_as_the_rules_say(
     committed: Engine, redis: Any
 ) -> None:
