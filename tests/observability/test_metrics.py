@@ -151,12 +151,13 @@ def check_business_gauges(
     assert value(samples, "backstop_refunds_manual_review", gateway="razorpay") == 0
     assert value(samples, "backstop_holds_overdue") == 2
     near("backstop_hold_expiry_lag_seconds", 90)
-    near("backstop_job_last_success_age_seconds", 600, job="refunds.retry_stuck")
-    near("backstop_job_last_success_age_seconds", 1200, job="dlq.triage")
+    near("backstop_job_last_success_age_seconds", 600, job_name="refunds.retry_stuck")
+    near("backstop_job_last_success_age_seconds", 1200, job_name="dlq.triage")
     assert (
-        value(samples, "backstop_job_last_success_age_seconds", job="holds.sweep_expired") is None
+        value(samples, "backstop_job_last_success_age_seconds", job_name="holds.sweep_expired")
+        is None
     )
-    assert value(samples, "backstop_job_window_seconds", job="refunds.retry_stuck") == 2400
+    assert value(samples, "backstop_job_window_seconds", job_name="refunds.retry_stuck") == 2400
     assert value(samples, "backstop_metrics_source_up", source="database") == 1
 
 
