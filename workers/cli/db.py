@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import click
 
 
@@ -17,7 +19,6 @@ def db_upgrade(revision: str) -> None:
     schedule (a job that has never run is expected from the deployment that first had it)."""
     from config import get_settings
     from config.schedule import beat_schedule
-    from workers.base import utcnow
     from workers.db import migrate, session_scope
     from workers.jobs import record_schedule
 
@@ -25,5 +26,5 @@ def db_upgrade(revision: str) -> None:
     if revision == "head":
         jobs = [str(entry["task"]) for entry in beat_schedule(get_settings()).values()]
         with session_scope() as session:
-            record_schedule(session, jobs, utcnow())
+            record_schedule(session, jobs, datetime.now(UTC))
     click.echo(f"database upgraded to {revision}", err=True)
