@@ -24,7 +24,7 @@ from tests.observability.metrics_helpers import Samples, exporter, parse, scrape
 from tests.processes import ROOT, Proc
 from workers.db import session_scope
 from workers.gateways.breaker import make_breaker
-from workers.models import BookingHold, DeadLetter, JobRun, Payment, Refund
+from workers.models import BookingHold, DeadLetter, JobRun, Payment, Refund, ScheduledJob
 from workers.observability.business_metrics import BusinessMetrics
 from workers.observability.metrics import LOCK_FILE, node_dir
 
@@ -116,6 +116,13 @@ def seed(session: Session, now: datetime) -> None:
             },
         ],
     )
+    session.execute(
+        insert(ScheduledJob),
+        [
+            {"job_name": "refunds.retry_stuck", "first_seen_at": ago(days=3)},
+            {"job_name": "reconciliation.nightly", "first_seen_at": ago(hours=5)},
+        ],
+    )
 
 
 def check_business_gauges(
@@ -158,6 +165,9 @@ def check_business_gauges(
         is None
     )
     assert value(samples, "backstop_job_window_seconds", job_name="refunds.retry_stuck") == 2400
+    near("backstop_job_first_seen_age_seconds", 3 * 86400, job_name="refunds.retry_stuck")
+    near("backstop_job_first_seen_age_seconds", 5 * 3600, job_name="reconciliation.nightly")
+    assert value(samples, "backstop_job_first_seen_age_seconds", job_name="dlq.triage") is None
     assert value(samples, "backstop_metrics_source_up", source="database") == 1
 
 

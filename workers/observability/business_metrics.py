@@ -28,6 +28,7 @@ from workers.base import utcnow
 from workers.db import session_scope
 from workers.errors import one_line
 from workers.gateways.registry import breaker_states
+from workers.jobs import first_seen
 from workers.models import CLASSIFICATIONS, BookingHold, DeadLetter, JobRun, Payment, Refund
 from workers.observability.metrics import WorkerMetrics
 
@@ -253,6 +254,15 @@ def jobs(session: Session, now: datetime, windows: dict[str, timedelta]) -> Iter
     for job, allowed in sorted(windows.items()):
         window.add_metric([job], allowed.total_seconds())
     yield window
+    seen = GaugeMetricFamily(
+        "backstop_job_first_seen_age_seconds",
+        "Seconds since each scheduled job was first seen in the schedule (scheduled_jobs): a "
+        "job that has never succeeded is late once this passes its window.",
+        labels=["job_name"],
+    )
+    for job, first in sorted(first_seen(session).items()):
+        seen.add_metric([job], _seconds(now - first))
+    yield seen
 
 
 def _seconds(delta: timedelta) -> float:
