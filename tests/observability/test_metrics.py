@@ -288,6 +288,11 @@ def test_exporter_adds_up_a_prefork_worker_and_reads_the_business_gauges(
 
     wait_until(lambda: counts() == expected, timeout=30)
     samples = scrape(port)
+    # The series the alert rules count exist at 0 from the start: a counter that appeared
+    # with its first failure would have no earlier sample, and increase() would miss it.
+    assert value(samples, "backstop_tasks_total", task="observe.ok", outcome="failure") == 0
+    assert value(samples, "backstop_tasks_total", task="refunds.submit", outcome="failure") == 0
+    assert value(samples, "backstop_rejected_messages_total", reason="undecodable") == 0
     assert (
         value(samples, "backstop_task_retries_total", task="observe.flaky", reason="TransientError")
         == 4
