@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server chromium promtool node-deps screenshot clean
+.PHONY: install run test lint format alert-rules bench redis-server chromium promtool node-deps screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -94,7 +94,12 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install redis-server chromium node-deps lint
+# The Prometheus alert rules: valid, and their unit tests pass (deploy/prometheus/alerts_test.yml).
+alert-rules: promtool
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
+
+test: install redis-server chromium promtool node-deps lint alert-rules
 	$(PY) -m tests.services -- $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install redis-server
