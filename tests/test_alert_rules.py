@@ -1,17 +1,27 @@
-"""The shipped Prometheus alert rules: promtool's unit tests catch a broken label (make test runs
-promtool on deploy/prometheus/alerts.yml and its tests)."""
+"""The shipped Prometheus alert rules: promtool's unit tests catch a broken label, and the docs
+list every alert as deploy/prometheus/alerts.yml has it (make test runs promtool on the file)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.processes import ROOT
 
 RULES = ROOT / "deploy" / "prometheus"
+ALERT_NAME = re.compile(r"\bBackstop[A-Z]\w+")
+NOT_ALERTS = {"BackstopTask"}  # the base task class
+
+
+def rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((RULES / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
 
 
 def promtool_test(folder: Path) -> subprocess.CompletedProcess[str]:
@@ -58,3 +68,49 @@ def test_promtool_fails_when_the_freshness_rules_read_the_job_label(
     failed = promtool_test(tmp_path)
     assert failed.returncode != 0
     assert "BackstopScheduledJobLate" in failed.stdout + failed.stderr
+
+
+def cells(line: str) -> list[str]:
+    """A Markdown table row's cells, with `\\|` inside a cell read as `|`."""
+    parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+    return [part.strip().replace("\\|", "|") for part in parts]
+
+
+def alert_rows(path: Path) -> dict[str, list[str]]:
+    """The rows of a table whose first cell is an alert name in backquotes, by alert."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        if re.match(r"\|\s*`Backstop", line):
+            name, *rest = cells(line)
+            rows[name.strip("`")] = rest
+    return rows
+
+
+def test_observability_docs_list_every_alert_as_the_rules_file_has_it() -> None:
+    documented = alert_rows(ROOT / "docs" / "observability.md")
+    assert list(documented) == [rule["alert"] for rule in rules()]
+    for rule in rules():
+        severity, for_, expr, summary = documented[rule["alert"]]
+        assert severity == rule["labels"]["severity"], rule["alert"]
+        assert for_ == rule.get("for", "—"), rule["alert"]
+        assert expr == f"`{rule['expr']}`", rule["alert"]
+        assert summary == rule["annotations"]["summary"], rule["alert"]
+
+
+def test_readme_lists_every_alert_as_the_rules_file_has_it() -> None:
+    listed = alert_rows(ROOT / "README.md")
+    assert list(listed) == [rule["alert"] for rule in rules()]
+    for rule in rules():
+        assert listed[rule["alert"]] == [
+            rule["labels"]["severity"],
+            rule["annotations"]["summary"],
+        ], rule["alert"]
+
+
+def test_every_alert_has_a_runbook_entry_and_the_docs_name_no_other() -> None:
+    shipped = {rule["alert"] for rule in rules()}
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    assert sorted(shipped - set(ALERT_NAME.findall(runbook))) == []
+    for doc in ("README.md", "docs/observability.md", "docs/operations.md"):
+        named = set(ALERT_NAME.findall((ROOT / doc).read_text())) - NOT_ALERTS
+        assert sorted(named - shipped) == [], doc
