@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server chromium node-deps screenshot clean
+.PHONY: install run test lint format alert-rules bench redis-server chromium promtool node-deps screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ chromium:
 	  echo "installing chromium with apt"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+# promtool checks and unit-tests the Prometheus alert rules (deploy/prometheus/). Debian ships it
+# only in the `prometheus` package; without recommends that is the server and a few JS libraries.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing prometheus (for promtool) with apt"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # The Node.js client test enqueues tasks with the `celery-node` npm package (tests/node).
 node-deps: tests/node/node_modules/.installed-stamp
@@ -86,7 +94,12 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install redis-server chromium node-deps lint
+# The Prometheus alert rules: valid, and their unit tests pass (deploy/prometheus/alerts_test.yml).
+alert-rules: promtool
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
+
+test: install redis-server chromium promtool node-deps lint alert-rules
 	$(PY) -m tests.services -- $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install redis-server

@@ -34,6 +34,7 @@ TABLES = (
     "dead_letters",
     "webhook_events",
     "job_runs",
+    "scheduled_jobs",
     "booking_holds",
 )
 

@@ -1,9 +1,10 @@
-"""`job_runs`: the record of every scheduled job's runs, which schedule checks read."""
+"""`job_runs`: the record of every scheduled job's runs, which schedule checks read, and
+`scheduled_jobs`: since when each job has been expected to run."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -11,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from workers.db.upsert import insert_ignore
-from workers.models import JobRun
+from workers.models import JobRun, ScheduledJob
 
 log = logging.getLogger("backstop.jobs")
 
@@ -85,6 +86,21 @@ def last_finished(session: Session) -> dict[str, datetime]:
         select(JobRun.job_name, func.max(JobRun.finished_at)).group_by(JobRun.job_name)
     ).all()
     return {name: finished for name, finished in rows if finished is not None}
+
+
+def record_schedule(session: Session, job_names: Iterable[str], now: datetime) -> None:
+    """Note each job of the schedule as seen at `now` unless it was seen before: the first
+    time stays, across restarts and deployments."""
+    rows = [{"job_name": name, "first_seen_at": now} for name in sorted(set(job_names))]
+    if rows:
+        insert_ignore(session, ScheduledJob, rows, conflict=["job_name"])
+
+
+def first_seen(session: Session) -> dict[str, datetime]:
+    """When each job was first seen in the schedule: a job that has never finished a run is
+    measured from then."""
+    rows = session.execute(select(ScheduledJob.job_name, ScheduledJob.first_seen_at)).all()
+    return {name: seen for name, seen in rows}
 
 
 def claim_slot(

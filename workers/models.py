@@ -368,6 +368,17 @@ class JobRun(Base):
     requested_by: Mapped[str | None] = mapped_column(String(128))
 
 
+class ScheduledJob(Base):
+    """A job of the beat schedule and when backstop first saw it there: a job that has never
+    run is expected to from then on, so a new deployment, or a job a release adds, waits out
+    its first window before it counts as missed."""
+
+    __tablename__ = "scheduled_jobs"
+
+    job_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    first_seen_at: Mapped[datetime] = mapped_column(server_default=NOW)
+
+
 RUN_STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED")
 OPEN_RUN = "status IN ('PENDING', 'RUNNING', 'FAILED')"
 

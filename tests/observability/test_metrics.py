@@ -24,7 +24,7 @@ from tests.observability.metrics_helpers import Samples, exporter, parse, scrape
 from tests.processes import ROOT, Proc
 from workers.db import session_scope
 from workers.gateways.breaker import make_breaker
-from workers.models import BookingHold, DeadLetter, JobRun, Payment, Refund
+from workers.models import BookingHold, DeadLetter, JobRun, Payment, Refund, ScheduledJob
 from workers.observability.business_metrics import BusinessMetrics
 from workers.observability.metrics import LOCK_FILE, node_dir
 
@@ -116,6 +116,13 @@ def seed(session: Session, now: datetime) -> None:
             },
         ],
     )
+    session.execute(
+        insert(ScheduledJob),
+        [
+            {"job_name": "refunds.retry_stuck", "first_seen_at": ago(days=3)},
+            {"job_name": "reconciliation.nightly", "first_seen_at": ago(hours=5)},
+        ],
+    )
 
 
 def check_business_gauges(
@@ -151,12 +158,16 @@ def check_business_gauges(
     assert value(samples, "backstop_refunds_manual_review", gateway="razorpay") == 0
     assert value(samples, "backstop_holds_overdue") == 2
     near("backstop_hold_expiry_lag_seconds", 90)
-    near("backstop_job_last_success_age_seconds", 600, job="refunds.retry_stuck")
-    near("backstop_job_last_success_age_seconds", 1200, job="dlq.triage")
+    near("backstop_job_last_success_age_seconds", 600, job_name="refunds.retry_stuck")
+    near("backstop_job_last_success_age_seconds", 1200, job_name="dlq.triage")
     assert (
-        value(samples, "backstop_job_last_success_age_seconds", job="holds.sweep_expired") is None
+        value(samples, "backstop_job_last_success_age_seconds", job_name="holds.sweep_expired")
+        is None
     )
-    assert value(samples, "backstop_job_window_seconds", job="refunds.retry_stuck") == 2400
+    assert value(samples, "backstop_job_window_seconds", job_name="refunds.retry_stuck") == 2400
+    near("backstop_job_first_seen_age_seconds", 3 * 86400, job_name="refunds.retry_stuck")
+    near("backstop_job_first_seen_age_seconds", 5 * 3600, job_name="reconciliation.nightly")
+    assert value(samples, "backstop_job_first_seen_age_seconds", job_name="dlq.triage") is None
     assert value(samples, "backstop_metrics_source_up", source="database") == 1
 
 
@@ -277,6 +288,11 @@ def test_exporter_adds_up_a_prefork_worker_and_reads_the_business_gauges(
 
     wait_until(lambda: counts() == expected, timeout=30)
     samples = scrape(port)
+    # The series the alert rules count exist at 0 from the start: a counter that appeared
+    # with its first failure would have no earlier sample, and increase() would miss it.
+    assert value(samples, "backstop_tasks_total", task="observe.ok", outcome="failure") == 0
+    assert value(samples, "backstop_tasks_total", task="refunds.submit", outcome="failure") == 0
+    assert value(samples, "backstop_rejected_messages_total", reason="undecodable") == 0
     assert (
         value(samples, "backstop_task_retries_total", task="observe.flaky", reason="TransientError")
         == 4

@@ -68,3 +68,17 @@ def test_a_new_deployment_is_not_paged_before_its_jobs_had_their_chance(
     assert check(T0) == []  # no job has ever run, but the checker just started
     assert check(T0 + timedelta(minutes=30)) == ["holds.sweep_expired"]
     assert check(T0 + timedelta(minutes=41)) == ["holds.sweep_expired", "refunds.retry_stuck"]
+
+
+def test_a_job_added_to_a_running_deployment_gets_its_own_first_window(
+    committed: Engine,
+) -> None:
+    run("refunds.retry_stuck", T0)
+    assert check(T0) == []
+    later = T0 + timedelta(hours=2)  # a release adds a job with a 16-minute window
+    run("refunds.retry_stuck", later)
+    windows = {"refunds.retry_stuck": WINDOWS["refunds.retry_stuck"]}
+    windows["payments.check_in_flight"] = timedelta(minutes=16)
+    for minutes, missed in ((0, []), (15, []), (17, ["payments.check_in_flight"])):
+        with session_scope() as session:
+            assert check_schedules(session, later + timedelta(minutes=minutes), windows) == missed

@@ -28,6 +28,7 @@ from workers.base import utcnow
 from workers.db import session_scope
 from workers.errors import one_line
 from workers.gateways.registry import breaker_states
+from workers.jobs import first_seen
 from workers.models import CLASSIFICATIONS, BookingHold, DeadLetter, JobRun, Payment, Refund
 from workers.observability.metrics import WorkerMetrics
 
@@ -226,6 +227,9 @@ def holds(session: Session, now: datetime) -> Iterator[Metric]:
 
 
 def jobs(session: Session, now: datetime, windows: dict[str, timedelta]) -> Iterator[Metric]:
+    # The label is `job_name`, not `job`: Prometheus sets `job` on every series itself (the
+    # scrape job), renames an exported `job` to `exported_job`, and rules matching on(job)
+    # then meet every backstop job at once.
     rows = session.execute(
         select(JobRun.job_name, func.max(JobRun.finished_at))
         .where(JobRun.outcome == "OK")
@@ -235,7 +239,7 @@ def jobs(session: Session, now: datetime, windows: dict[str, timedelta]) -> Iter
         "backstop_job_last_success_age_seconds",
         "Seconds since each scheduled job last finished a run with outcome OK (job_runs); "
         "absent for a job that never has.",
-        labels=["job"],
+        labels=["job_name"],
     )
     for job, finished in sorted(rows):
         if finished is not None:
@@ -245,11 +249,20 @@ def jobs(session: Session, now: datetime, windows: dict[str, timedelta]) -> Iter
         "backstop_job_window_seconds",
         "How long each scheduled job may go without a finished run before "
         "ops.check_schedules alerts.",
-        labels=["job"],
+        labels=["job_name"],
     )
     for job, allowed in sorted(windows.items()):
         window.add_metric([job], allowed.total_seconds())
     yield window
+    seen = GaugeMetricFamily(
+        "backstop_job_first_seen_age_seconds",
+        "Seconds since each scheduled job was first seen in the schedule (scheduled_jobs): a "
+        "job that has never succeeded is late once this passes its window.",
+        labels=["job_name"],
+    )
+    for job, first in sorted(first_seen(session).items()):
+        seen.add_metric([job], _seconds(now - first))
+    yield seen
 
 
 def _seconds(delta: timedelta) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
@@ -14,7 +14,7 @@ from workers.application import app
 from workers.db import session_scope
 from workers.errors import one_line
 from workers.gateways.registry import breaker_states
-from workers.jobs import last_finished
+from workers.jobs import first_seen, last_finished
 from workers.models import DeadLetter
 
 LEVELS = {"ok": 0, "degraded": 1, "unhealthy": 2}
@@ -56,22 +56,33 @@ def check_broker(settings: Settings) -> Check:
 
 def check_schedules(session: object, settings: Settings, now: datetime) -> list[Check]:
     finished = last_finished(session)  # type: ignore[arg-type]
-    checks = []
-    for job, window in sorted(schedule_windows(settings).items()):
-        last = finished.get(job)
-        if last is None:
-            checks.append(Check(f"schedule {job}", "degraded", "has never finished a run"))
-        elif now - last > window:
-            checks.append(
-                Check(
-                    f"schedule {job}",
-                    "degraded",
-                    f"last run {_age(now - last)} ago; window {_age(window)}",
-                )
+    seen = first_seen(session)  # type: ignore[arg-type]
+    return [
+        schedule_check(job, window, finished.get(job), seen.get(job), now)
+        for job, window in sorted(schedule_windows(settings).items())
+    ]
+
+
+def schedule_check(
+    job: str, window: timedelta, last: datetime | None, since: datetime | None, now: datetime
+) -> Check:
+    """A job is fresh when its last run finished within its window. One that has never run is
+    waiting, not late, until a window has passed since it was first seen in the schedule
+    (`since`: `backstop db upgrade` and `ops.check_schedules` record it in the database), so a
+    fresh deployment, or a job a release adds, is not reported before it had its chance."""
+    name = f"schedule {job}"
+    if last is not None:
+        if now - last > window:
+            return Check(
+                name, "degraded", f"last run {_age(now - last)} ago; window {_age(window)}"
             )
-        else:
-            checks.append(Check(f"schedule {job}", "ok", f"last run {_age(now - last)} ago"))
-    return checks
+        return Check(name, "ok", f"last run {_age(now - last)} ago")
+    if since is None:  # not recorded yet: the next schedule check records it
+        return Check(name, "ok", "waiting for first run")
+    scheduled = f"scheduled {_age(now - since)} ago, window {_age(window)}"
+    if now - since > window:
+        return Check(name, "degraded", f"has never finished a run; {scheduled}")
+    return Check(name, "ok", f"waiting for first run; {scheduled}")
 
 
 # The open dead letters: how many, and since when.

@@ -60,7 +60,21 @@ REJECTED = Counter(
     ["reason"],
 )
 
+# The outcomes and reasons the alert rules count (deploy/prometheus/alerts.yml) exist at 0 from
+# the worker's start: a counter that first appeared with its first failure would have no earlier
+# sample, and increase() would not see that failure.
+ALERTED_OUTCOMES = ("failure", "expired")
+REJECT_REASONS = ("unknown_task", "undecodable")
+
 _started: dict[str, float] = {}
+
+
+def initialize(task_names: Iterable[str]) -> None:
+    for name in task_names:
+        for outcome in ALERTED_OUTCOMES:
+            TASKS.labels(name, outcome)
+    for reason in REJECT_REASONS:
+        REJECTED.labels(reason)
 
 
 def outcome_of(state: str | None, retval: Any) -> str:
@@ -218,6 +232,10 @@ def install() -> None:
         node = start_node(Path(get_settings().PROMETHEUS_MULTIPROC_DIR), str(sender or "worker"))
         log.info("metrics.started", extra={"dir": str(node)})
 
+    def tasks_known(sender: Any = None, **_: Any) -> None:
+        # worker_init: the node's directory is set up and the worker's tasks are imported.
+        initialize(name for name in sender.app.tasks if not name.startswith("celery."))
+
     def process_started(**_: Any) -> None:
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if folder:
@@ -230,6 +248,7 @@ def install() -> None:
                 multiprocess.mark_process_dead(os.getpid(), folder)
 
     signals.celeryd_init.connect(start, weak=False)
+    signals.worker_init.connect(tasks_known, weak=False)
     signals.worker_process_init.connect(process_started, weak=False)
     signals.worker_process_shutdown.connect(process_stopping, weak=False)
     signals.task_prerun.connect(on_prerun)

@@ -21,7 +21,7 @@ from config.schedule import (
     schedule_windows,
 )
 from workers.errors import PermanentError
-from workers.jobs import claim_slot, hour_bucket, last_finished
+from workers.jobs import claim_slot, first_seen, hour_bucket, last_finished, record_schedule
 from workers.messaging.enqueue import enqueue_after_commit
 from workers.models import JobRun
 from workers.observability.alerts import raise_alert
@@ -29,15 +29,16 @@ from workers.observability.alerts import raise_alert
 
 def check_schedules(session: Session, now: datetime, windows: dict[str, timedelta]) -> list[str]:
     """Alert for every job whose last run finished longer ago than its window. A job that has
-    never run is measured from the first schedule check ever recorded, so a new deployment
-    is not paged before a job had its chance. Pages once an hour per missed job."""
+    never run is measured from when it was first seen in the schedule (recorded here, if no
+    deployment did before), so neither a new deployment nor a job a release adds is paged
+    before it had its chance. Pages once an hour per missed job."""
+    record_schedule(session, windows, now)
     finished = last_finished(session)
-    first_check = first_checked(session, now)
+    seen = first_seen(session)
     missed = []
     for job, window in sorted(windows.items()):
         last = finished.get(job)
-        since = last or first_check
-        if now - since <= window:
+        if now - (last or seen[job]) <= window:
             continue
         missed.append(job)
         raise_alert(
@@ -51,16 +52,6 @@ def check_schedules(session: Session, now: datetime, windows: dict[str, timedelt
             last_finished=last.isoformat() if last else "never",
         )
     return missed
-
-
-def first_checked(session: Session, now: datetime) -> datetime:
-    """When schedules were first checked: a job that never ran is measured from then."""
-    return (
-        session.scalar(
-            select(func.min(JobRun.started_at)).where(JobRun.job_name == "ops.check_schedules")
-        )
-        or now
-    )
 
 
 # -- the schedules as operators see them ---------------------------------------------------------
@@ -120,7 +111,7 @@ def jobs_overview(session: Session, settings: Settings, now: datetime) -> list[J
         )
     }
     finished = last_finished(session)
-    first_check = first_checked(session, now)
+    seen = first_seen(session)
     views = []
     for name, entry in beat_schedule(settings).items():
         task = str(entry["task"])
@@ -149,7 +140,7 @@ def jobs_overview(session: Session, settings: Settings, now: datetime) -> list[J
                 next_due=next_due(task, settings, now),
                 slot=slot,
                 slot_taken=bool(taken),
-                missed=now - (last or first_check) > window,
+                missed=now - (last or seen.get(task, now)) > window,
             )
         )
     return views
