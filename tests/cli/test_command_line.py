@@ -3,7 +3,9 @@ help and version whatever the environment, settings read only when a command nee
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import subprocess
 import sys
 from importlib.metadata import version
@@ -11,7 +13,11 @@ from pathlib import Path
 
 import click
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
+from tests.conftest import DATABASE_URL
+from tests.processes import ROOT
 from workers.cli import main
 
 BACKSTOP = str(Path(sys.executable).with_name("backstop"))
@@ -72,3 +78,114 @@ def test_a_command_that_needs_the_settings_still_stops_with_one_line(
         "backstop: bad setting TIMEZONE: Value error, unknown time zone 'Nowhere/City'"
     ]
     assert done.stdout == ""
+
+
+def embedded(var_dir: str | Path | None) -> dict[str, str]:
+    """The environment of the embedded demo: no DATABASE_URL or BROKER_URL, and this
+    BACKSTOP_VAR_DIR (None: unset, the default)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "BROKER_URL", "BACKSTOP_VAR_DIR")
+    }
+    if var_dir is not None:
+        env["BACKSTOP_VAR_DIR"] = str(var_dir)
+    return env
+
+
+def run_embedded(
+    var_dir: str | Path | None, cwd: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BACKSTOP, *args],
+        env=embedded(var_dir),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_default_var_dir_is_the_checkouts_from_any_directory(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from config import settings as s; print(s.VAR_DIR); print(s.Settings().DATABASE_URL)",
+        ],
+        env=embedded(None),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        str(ROOT / "var"),
+        f"sqlite:///{ROOT / 'var' / 'backstop.sqlite'}",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_var_dir_is_the_checkouts_so_any_directory_finds_the_database(
+    tmp_path: Path,
+) -> None:
+    var_dir = tmp_path / "demo-var"
+    relative = os.path.relpath(var_dir, ROOT)
+    assert not Path(relative).is_absolute()
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    there.mkdir()
+    upgraded = run_embedded(relative, here, "db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert (var_dir / "backstop.sqlite").is_file()
+    listed = run_embedded(relative, there, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() == "no dead letters match"
+    assert list(here.iterdir()) == [] and list(there.iterdir()) == []
+
+
+def test_a_missing_embedded_database_is_named_not_created(tmp_path: Path) -> None:
+    var_dir = tmp_path / "var"
+    done = run_embedded(var_dir, tmp_path, "dlq", "list")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    database = var_dir / "backstop.sqlite"
+    assert line.startswith(f"Error: no database at {database}: the file does not exist"), line
+    assert f"BACKSTOP_VAR_DIR is {var_dir}" in line and "backstop db upgrade" in line
+    assert not database.exists()
+    health = run_embedded(var_dir, tmp_path, "health", "--json")
+    assert health.returncode == 2
+    [database_check] = [c for c in json.loads(health.stdout)["checks"] if c["name"] == "database"]
+    assert database_check["status"] == "unhealthy"
+    assert database_check["detail"].startswith(f"no database at {database}")
+    assert not database.exists()
+
+
+def test_a_database_without_tables_is_named(tmp_path: Path) -> None:
+    var_dir = tmp_path / "var"
+    var_dir.mkdir()
+    database = var_dir / "backstop.sqlite"
+    sqlite3.connect(database).close()
+    done = run_embedded(var_dir, tmp_path, "jobs", "list")
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line == (
+        f"Error: the database at {database} has no backstop tables: run `backstop db upgrade` first"
+    )
+
+
+def test_a_postgres_database_without_tables_is_named(tmp_path: Path) -> None:
+    url = make_url(DATABASE_URL)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS backstop_empty"))
+        conn.execute(text("CREATE DATABASE backstop_empty"))
+    admin.dispose()
+    empty = url.set(database="backstop_empty").render_as_string(hide_password=False)
+    done = backstop("refunds", "list", cwd=tmp_path, DATABASE_URL=empty)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line == (
+        f"Error: the database at {empty} has no backstop tables: run `backstop db upgrade` first"
+    )

@@ -8,6 +8,8 @@ import json
 
 import click
 
+from workers.cli.database import needs_database
+
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -63,6 +65,7 @@ def demo() -> None:
 
 @demo.command("seed")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def demo_seed(as_json: bool) -> None:
     """Seed demo holds and refunds into an empty database (does nothing otherwise)."""
     from workers import celery_app  # noqa: F401  (the after-commit sends need the app)

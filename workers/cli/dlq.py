@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from workers.cli.database import needs_database
 from workers.cli.options import actor_option
 from workers.dlq import browse
 from workers.models import CLASSIFICATIONS as CLASSES
@@ -102,6 +103,7 @@ def dlq() -> None:
 @filters
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
     """Dead letters, newest first, with counts grouped by task, error and status."""
     from workers.base import utcnow
@@ -149,6 +151,7 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
 @dlq.command("show")
 @click.argument("letter_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def dlq_show(letter_id: int, as_json: bool) -> None:
     """One dead letter: payload, error, traceback, attempts and its whole history."""
     from workers.db import session_scope
@@ -204,6 +207,7 @@ def dlq_show(letter_id: int, as_json: bool) -> None:
 @click.option("--reason", default="manual replay", show_default=True)
 @click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@needs_database
 def dlq_replay(
     letter_ids: tuple[int, ...],
     replay_all: bool,
@@ -397,6 +401,7 @@ def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
 @actor_option
 @click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@needs_database
 def dlq_discard(
     letter_ids: tuple[int, ...],
     discard_all: bool,

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from workers.cli.database import needs_database
 from workers.cli.options import actor_option
 from workers.cli.output import table
 
@@ -31,6 +32,7 @@ def refund_dict(row: Any) -> dict[str, Any]:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--after", default=0, type=int, help="Only refunds with a higher id (paging).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_list(limit: int, after: int, as_json: bool) -> None:
     """Refunds in manual review, or PENDING/PROCESSING with no change for
     REFUND_STUCK_AFTER_SECONDS; oldest first. Resolved ones are not listed."""
@@ -77,6 +79,7 @@ def refunds_list(limit: int, after: int, as_json: bool) -> None:
 @refunds.command("show")
 @click.argument("refund_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_show(refund_id: int, as_json: bool) -> None:
     """One refund: its payment and gateway, attempts, keys, gateway refund id, last error and
     its whole history."""
@@ -121,6 +124,7 @@ def act(refund_id: int, action: Any, as_json: bool) -> None:
 @click.argument("refund_id", type=int)
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_recheck(refund_id: int, actor: str, as_json: bool) -> None:
     """Ask the refund's gateway about it now (also in manual review, or still PENDING) and
     record a final answer."""
@@ -141,6 +145,7 @@ def refunds_recheck(refund_id: int, actor: str, as_json: bool) -> None:
 @click.option("--reason", required=True, help="Why: kept in the refund's history.")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_retry(refund_id: int, reason: str, actor: str, as_json: bool) -> None:
     """Send a refund again, out of manual review: a FAILED one with a new key, a PENDING one
     with its own key (looked up at the gateway first if it was sent). Refused for a
@@ -161,6 +166,7 @@ def refunds_retry(refund_id: int, reason: str, actor: str, as_json: bool) -> Non
 @click.option("--reason", required=True, help="How it was resolved: kept in its history.")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_resolve(refund_id: int, reason: str, actor: str, as_json: bool) -> None:
     """Mark a refund in manual review resolved: no automatic retry or escalation takes it
     again."""

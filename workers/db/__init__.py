@@ -1,6 +1,8 @@
 """The shared database helpers: engine and sessions, lock helpers, the transition helper."""
 
 from workers.db.engine import (
+    DatabaseMissing,
+    check_database,
     dispose_engine,
     get_engine,
     make_engine,
@@ -23,11 +25,13 @@ from workers.db.transitions import (
 
 __all__ = [
     "MACHINES",
+    "DatabaseMissing",
     "DryRunSteps",
     "InvalidTransition",
     "Steps",
     "Transition",
     "audited_update",
+    "check_database",
     "claim",
     "dispose_engine",
     "get_engine",
