@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -189,3 +190,32 @@ def test_a_postgres_database_without_tables_is_named(tmp_path: Path) -> None:
     assert line == (
         f"Error: the database at {empty} has no backstop tables: run `backstop db upgrade` first"
     )
+
+
+def help_line(help_text: str, option: str) -> str:
+    """The help of one option, its wrapped lines joined."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(option))
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("-")), len(lines)
+    )
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+@pytest.mark.parametrize(
+    ("path", "option", "marker"),
+    [
+        (("reconcile",), "--from DATE", "[required unless --show]"),
+        (("dlq", "discard"), "--reason", "[required]"),
+        (("refunds", "retry"), "--reason", "[required]"),
+        (("refunds", "resolve"), "--reason", "[required]"),
+        (("reconcile", "acknowledge"), "--reason", "[required]"),
+        (("reconcile", "resolve"), "--reason", "[required]"),
+    ],
+)
+def test_required_options_say_so_in_their_help(
+    path: tuple[str, ...], option: str, marker: str
+) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert help_line(result.output, option).endswith(marker)

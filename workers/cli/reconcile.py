@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from workers.cli.database import needs_database, require_database
-from workers.cli.options import actor_option
+from workers.cli.options import RequiredUnless, actor_option
 from workers.cli.output import table
 from workers.models import DISCREPANCY_STATUSES, DISCREPANCY_TYPES
 
@@ -23,7 +23,14 @@ from workers.models import DISCREPANCY_STATUSES, DISCREPANCY_TYPES
     metavar="G",
     help="razorpay or stripe (repeatable; default: every configured gateway).",
 )
-@click.option("--from", "first", metavar="DATE", help="First day, YYYY-MM-DD, in TIMEZONE.")
+@click.option(
+    "--from",
+    "first",
+    metavar="DATE",
+    cls=RequiredUnless,
+    unless="--show",
+    help="First day, YYYY-MM-DD, in TIMEZONE.",
+)
 @click.option(
     "--to", "last", metavar="DATE", help="Last day, YYYY-MM-DD, included (default: --from)."
 )
