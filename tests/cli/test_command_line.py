@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import click
 import pytest
+import requests
 from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.conftest import DATABASE_URL
+from tests.conftest import DATABASE_URL, wait_until
 from tests.processes import ROOT
+from tests.services import _free_port
 from workers.cli import main
 
 BACKSTOP = str(Path(sys.executable).with_name("backstop"))
@@ -219,3 +222,40 @@ def test_required_options_say_so_in_their_help(
     result = CliRunner().invoke(main, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert help_line(result.output, option).endswith(marker)
+
+
+SERVERS = ("console", "metrics", "simulator", "notify-sandbox")
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_every_server_listens_on_address_and_still_takes_host(name: str) -> None:
+    command = main.commands[name]
+    [address] = [param for param in command.params if param.name == "address"]
+    assert address.opts[0] == "--address" and "--host" in address.opts
+    assert address.default == "127.0.0.1"
+    assert not any(param.name == "host" for param in command.params)
+
+
+@pytest.mark.parametrize("flag", ["--address", "--host"])
+def test_the_simulator_serves_on_the_address_given_either_way(flag: str, tmp_path: Path) -> None:
+    port = _free_port()
+    with (tmp_path / "simulator.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [BACKSTOP, "simulator", flag, "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/"), timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=1)
+    except requests.ConnectionError:
+        return False
+    return True
