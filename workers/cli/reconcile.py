@@ -107,6 +107,7 @@ def reconcile_runs(limit: int, gateway: str | None, as_json: bool) -> None:
                 )
                 for run in runs
             ],
+            right=("run", "payments", "fixed", "waiting", "took"),
         )
     )
 
@@ -164,6 +165,7 @@ def reconcile_findings(
                 )
                 for item in items
             ],
+            right=("id", "payment"),
         )
     )
 

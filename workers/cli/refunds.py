@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from datetime import timedelta
 from typing import Any
 
@@ -68,6 +69,7 @@ def refunds_list(limit: int, after: int, as_json: bool) -> None:
                 )
                 for row in rows
             ],
+            right=("id", "amount", "attempts"),
         )
     )
     click.echo(
@@ -100,8 +102,8 @@ def refunds_show(refund_id: int, as_json: bool) -> None:
     for key, value in data.items():
         click.echo(f"{key:>22}  {value if value is not None else '-'}")
     click.echo("")
-    for item in history:
-        click.echo(f"  {item['at']}  {item['what']:<24} {item['actor']:<20} {item['reason'] or ''}")
+    rows = [(item["at"], item["what"], item["actor"], item["reason"] or "") for item in history]
+    click.echo(textwrap.indent(table(("at", "what", "actor", "reason"), rows), "  "))
 
 
 def act(refund_id: int, action: Any, as_json: bool) -> None:
