@@ -76,13 +76,16 @@ run: install
 	$(VENV)/bin/backstop db upgrade
 	$(VENV)/bin/backstop demo seed
 	@mkdir -p var && { cat Procfile; echo "$(PROCESSES)"; echo "$(NOTIFY_PROCESSES)"; } > var/Procfile.run
-	@# The console's demo operator: a password made once and kept in var/, printed at start.
+	@# The demo user of the console and Flower: a password made once and kept in var/, printed
+	@# at start. Flower 2 refuses its API without auth, so it gets the same user.
 	@test -s var/console-demo-password || $(PY) -c "import secrets; print(secrets.token_urlsafe(12))" > var/console-demo-password
 	@# Ctrl-C stops every process; honcho then exits 130, which is the normal way out here.
 	@pw=$$(cat var/console-demo-password); \
 	export CONSOLE_USERS="demo:operator:$$($(VENV)/bin/backstop console hash-password --password "$$pw")"; \
 	export CONSOLE_SECRET_KEY="$$pw-demo-session-key" CONSOLE_COOKIE_SECURE=false; \
+	export FLOWER_BASIC_AUTH="demo:$$pw"; \
 	echo "console: http://127.0.0.1:8000  (user demo, password $$pw)"; \
+	echo "flower:  http://127.0.0.1:5555  (user demo, the same password)"; \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/honcho start -f var/Procfile.run || [ $$? -eq 130 ]
 
 lint: install

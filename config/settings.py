@@ -12,7 +12,17 @@ from celery.schedules import crontab
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-VAR_DIR = Path(os.environ.get("BACKSTOP_VAR_DIR", "var")).resolve()
+
+def _project_dir() -> Path:
+    """What a relative BACKSTOP_VAR_DIR (and its default, `var`) is relative to: the checkout
+    the code runs from (`make run`, an editable install), so a command finds the embedded
+    database from any directory; installed as a package, the current directory."""
+    source = Path(__file__).resolve().parent.parent
+    return source if (source / "pyproject.toml").is_file() else Path.cwd()
+
+
+# The embedded database, broker, beat lock and metrics of the demo.
+VAR_DIR = (_project_dir() / Path(os.environ.get("BACKSTOP_VAR_DIR", "var")).expanduser()).resolve()
 
 
 class SettingsError(Exception):

@@ -186,3 +186,25 @@ def on_a_terminal(*args: str) -> str:
         os.close(leader)
     assert done.returncode == 0, seen
     return done.stdout + seen.decode(errors="replace")
+
+
+def test_list_columns_stay_aligned_with_a_long_task_name(committed: Engine, hold: int) -> None:
+    long_name = "notifications.deliver_to_the_partner_webhook_with_a_very_long_name"
+    letter("holds.expire", {"hold_id": hold})
+    letter(long_name, {"channel": "email"}, PayloadError("invalid payload: channel"))
+    result = run("dlq", "list")
+    assert result.exit_code == 0, result.output
+    counts, letters = (block.splitlines() for block in result.output.strip().split("\n\n"))
+    # Every row's task and error start under their header, however long a task name is.
+    task, error = letters[0].index("task"), letters[0].index("error")
+    assert len(letters) == 3
+    for name in ("holds.expire", long_name):
+        [line] = [line for line in letters[1:] if f" {name} " in line]
+        assert line.index(name) == task and line[error - 2 : error] == "  ", line
+        assert line[error:].startswith(("TransientError: ", "PayloadError: ")), line
+    where = counts[0].index("task / error")
+    assert len(counts) == 3
+    for line in counts[1:]:
+        assert line[where:].startswith(("holds.expire / ", f"{long_name} / ")), line
+        # The count is a number: right-aligned, its last digit under the header's last letter.
+        assert line[len("count") - 1].isdigit() and line[len("count")] == " ", line

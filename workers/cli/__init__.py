@@ -1,6 +1,8 @@
 """The `backstop` command line: one click group, and one module per command under
 `workers/cli/`, each added here. A command imports what only it needs (the Celery app, the
-stand-ins) inside its body, so `backstop --help` and the other commands start fast."""
+stand-ins) inside its body, so `backstop --help` and the other commands start fast. Settings
+are read by the commands that need them (`config.get_settings`, which stops the process with
+one line naming a bad one), so `--help` and `--version` work whatever the environment."""
 
 from __future__ import annotations
 
@@ -8,8 +10,6 @@ import sys
 
 import click
 
-from config import SettingsError
-from config.settings import load_settings
 from workers.cli.console import console
 from workers.cli.db import db
 from workers.cli.devtools import demo, notify_sandbox, simulator
@@ -24,12 +24,9 @@ from workers.cli.settings import config_group
 
 
 @click.group()
+@click.version_option(package_name="backstop")
 def main() -> None:
     """backstop: the background-worker system of the bookings-and-payments platform."""
-    try:
-        load_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 for command in (

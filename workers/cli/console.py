@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
+from workers.cli.options import listen_options
+
 
 @click.group(invoke_without_command=True)
-@click.option("--address", default="127.0.0.1", show_default=True, envvar="CONSOLE_ADDRESS")
-@click.option(
-    "--port", default=8000, show_default=True, type=click.IntRange(1, 65535), envvar="CONSOLE_PORT"
-)
+@listen_options(8000, env="CONSOLE")
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
 @click.pass_context
 def console(ctx: click.Context, address: str, port: int, threads: int) -> None:

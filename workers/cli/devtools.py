@@ -8,12 +8,14 @@ import json
 
 import click
 
+from workers.cli.database import needs_database
+from workers.cli.options import listen_options
+
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@listen_options(8765)
 @click.option("--demo", is_flag=True, help="Start with the payments and faults of `make run`.")
-def simulator(host: str, port: int, demo: bool) -> None:
+def simulator(address: str, port: int, demo: bool) -> None:
     """Run the local Razorpay/Stripe simulator (point RAZORPAY_BASE_URL/STRIPE_API_BASE at it).
 
     It accepts the credentials in RAZORPAY_KEY_ID/RAZORPAY_KEY_SECRET/STRIPE_API_KEY, or its
@@ -32,16 +34,15 @@ def simulator(host: str, port: int, demo: bool) -> None:
     if demo:
         from workers.devtools.demo import seed_simulator
 
-        serve(host, port, setup=seed_simulator, **credentials)
+        serve(address, port, setup=seed_simulator, **credentials)
     else:
-        serve(host, port, **credentials)
+        serve(address, port, **credentials)
 
 
 @click.command("notify-sandbox")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8766, show_default=True, type=click.IntRange(1, 65535))
+@listen_options(8766)
 @click.option("--demo", is_flag=True, help="Start with the faults of `make run`.")
-def notify_sandbox(host: str, port: int, demo: bool) -> None:
+def notify_sandbox(address: str, port: int, demo: bool) -> None:
     """Run the local SMS and push provider (point SMS_PROVIDER_URL/PUSH_PROVIDER_URL at it).
 
     It accepts the API key `sandbox-key`. Never for production traffic.
@@ -51,9 +52,9 @@ def notify_sandbox(host: str, port: int, demo: bool) -> None:
     if demo:
         from workers.devtools.demo import seed_sandbox
 
-        serve(host, port, setup=seed_sandbox)
+        serve(address, port, setup=seed_sandbox)
     else:
-        serve(host, port)
+        serve(address, port)
 
 
 @click.group()
@@ -63,6 +64,7 @@ def demo() -> None:
 
 @demo.command("seed")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def demo_seed(as_json: bool) -> None:
     """Seed demo holds and refunds into an empty database (does nothing otherwise)."""
     from workers import celery_app  # noqa: F401  (the after-commit sends need the app)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import json
 import sys
+import textwrap
 from dataclasses import astuple
 from datetime import datetime, timedelta
 from typing import Any
 
 import click
 
+from workers.cli.database import needs_database
 from workers.cli.options import actor_option
+from workers.cli.output import table
 from workers.dlq import browse
 from workers.models import CLASSIFICATIONS as CLASSES
 from workers.models import DEAD_LETTER_STATUSES as STATUSES
@@ -89,6 +92,13 @@ def letter_dict(letter: Any, *, full: bool = False) -> dict[str, Any]:
     return data
 
 
+def joined(*parts: Any) -> str:
+    """The given parts of a table's last cell, one space apart; a dict as JSON."""
+    return " ".join(
+        json.dumps(part) if isinstance(part, dict) else str(part) for part in parts if part
+    )
+
+
 def age(at: datetime, now: datetime) -> str:
     return browse.age(now - at)
 
@@ -102,6 +112,7 @@ def dlq() -> None:
 @filters
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
     """Dead letters, newest first, with counts grouped by task, error and status."""
     from workers.base import utcnow
@@ -129,18 +140,33 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
     if not counts:
         click.echo("no dead letters match")
         return
-    click.echo(f"{'count':>7}  {'oldest':>6}  {'status':<13} {'class':<9}  task / error")
-    for (task, error, kind, status, count, oldest), _ in zip(groups, counts, strict=True):
-        click.echo(f"{count:>7}  {age(oldest, now):>6}  {status:<13} {kind:<9}  {task} / {error}")
-    click.echo("")
-    click.echo(f"{'id':>8}  {'age':>5}  {'status':<13} {'task':<22} error")
-    for letter in rows:
-        created = datetime.fromisoformat(letter["created_at"])
-        message = f"{letter['error_type']}: {letter['error_message']}"[:90]
-        click.echo(
-            f"{letter['id']:>8}  {age(created, now):>5}  {letter['status']:<13} "
-            f"{letter['task_name']:<22} {message}"
+    click.echo(
+        table(
+            ("count", "oldest", "status", "class", "task / error"),
+            [
+                (count, age(oldest, now), status, kind, f"{task} / {error}")
+                for task, error, kind, status, count, oldest in groups
+            ],
+            right=("count", "oldest"),
         )
+    )
+    click.echo("")
+    click.echo(
+        table(
+            ("id", "age", "status", "task", "error"),
+            [
+                (
+                    letter["id"],
+                    age(datetime.fromisoformat(letter["created_at"]), now),
+                    letter["status"],
+                    letter["task_name"],
+                    f"{letter['error_type']}: {letter['error_message']}"[:90],
+                )
+                for letter in rows
+            ],
+            right=("id", "age"),
+        )
+    )
     total = sum(count["count"] for count in counts)
     if total > len(rows):
         click.echo(f"... {len(rows)} of {total} shown (--limit)")
@@ -149,6 +175,7 @@ def dlq_list(limit: int, as_json: bool, **given: Any) -> None:
 @dlq.command("show")
 @click.argument("letter_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def dlq_show(letter_id: int, as_json: bool) -> None:
     """One dead letter: payload, error, traceback, attempts and its whole history."""
     from workers.db import session_scope
@@ -184,11 +211,11 @@ def dlq_show(letter_id: int, as_json: bool) -> None:
     click.echo("payload:")
     click.echo(json.dumps(data["payload"], indent=2, sort_keys=True))
     click.echo("history:")
-    for item in data["history"]:
-        extra = f"  {json.dumps(item['detail'])}" if "detail" in item else ""
-        click.echo(
-            f"  {item['at']}  {item['what']:<28} {item['actor']:<20} {item['reason'] or ''}{extra}"
-        )
+    history = [
+        (item["at"], item["what"], item["actor"], joined(item["reason"], item.get("detail")))
+        for item in data["history"]
+    ]
+    click.echo(textwrap.indent(table(("at", "what", "actor", "reason"), history), "  "))
     click.echo("traceback:")
     click.echo(data["traceback"] or "-")
 
@@ -204,6 +231,7 @@ def dlq_show(letter_id: int, as_json: bool) -> None:
 @click.option("--reason", default="manual replay", show_default=True)
 @click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@needs_database
 def dlq_replay(
     letter_ids: tuple[int, ...],
     replay_all: bool,
@@ -374,14 +402,20 @@ def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
     totals: dict[str, int] = {}
     for outcome in outcomes:
         totals[outcome.outcome] = totals.get(outcome.outcome, 0) + 1
-        if len(outcomes) <= 50:
-            what = verbs.get(outcome.outcome, outcome.outcome)
-            line = f"{outcome.dead_letter_id:>8}  {what:<13} {outcome.task_name}"
-            if outcome.detail:
-                line += f"  ({outcome.detail})"
-            if outcome.diff:
-                line += f"  changed: {json.dumps(outcome.diff)}"
-            click.echo(line)
+    if len(outcomes) <= 50:
+        rows = [
+            (
+                outcome.dead_letter_id,
+                verbs.get(outcome.outcome, outcome.outcome),
+                outcome.task_name,
+                joined(
+                    outcome.detail and f"({outcome.detail})",
+                    outcome.diff and f"changed: {json.dumps(outcome.diff)}",
+                ),
+            )
+            for outcome in outcomes
+        ]
+        click.echo(table(("id", "outcome", "task", "detail"), rows, right=("id",)))
     summary = ", ".join(
         f"{count} {verbs.get(name, name)}" for name, count in sorted(totals.items())
     )
@@ -397,6 +431,7 @@ def report(outcomes: list[Any], dry_run: bool, as_json: bool) -> None:
 @actor_option
 @click.option("--yes", is_flag=True, help="With --all: do not ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@needs_database
 def dlq_discard(
     letter_ids: tuple[int, ...],
     discard_all: bool,

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from workers.cli.output import table
+
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
@@ -24,8 +26,6 @@ def health(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(checks.as_json(results)))
     else:
-        width = max(len(check.name) for check in results)
-        for check in results:
-            click.echo(f"{check.name:<{width}}  {check.status:<9}  {check.detail}")
-        click.echo(f"{'overall':<{width}}  {status}")
+        rows = [(check.name, check.status, check.detail) for check in results]
+        click.echo(table(("check", "status", "detail"), [*rows, ("overall", status, "")]))
     sys.exit(checks.LEVELS[status])

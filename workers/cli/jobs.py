@@ -7,6 +7,7 @@ import json
 
 import click
 
+from workers.cli.database import needs_database
 from workers.cli.options import actor_option
 from workers.cli.output import table
 
@@ -18,6 +19,7 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def jobs_list(as_json: bool) -> None:
     """Every beat job: schedule, last run and its outcome, next due, missed or not."""
     from config import get_settings
@@ -57,6 +59,7 @@ def jobs_list(as_json: bool) -> None:
 @click.argument("name")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def jobs_run(name: str, actor: str, as_json: bool) -> None:
     """Run the scheduled job NAME (its task name, e.g. refunds.retry_stuck) now, for its
     current slot. If beat already ran that slot, nothing is sent: a run now never repeats a

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
+from workers.cli.options import listen_options
+
 
 @click.command()
-@click.option("--address", default="127.0.0.1", show_default=True, envvar="METRICS_ADDRESS")
-@click.option(
-    "--port", default=9808, show_default=True, type=click.IntRange(1, 65535), envvar="METRICS_PORT"
-)
+@listen_options(9808, env="METRICS")
 def metrics(address: str, port: int) -> None:
     """Serve /metrics: every worker's task metrics and the business gauges.
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from workers.cli.options import actor_option
+from workers.cli.database import needs_database, require_database
+from workers.cli.options import RequiredUnless, actor_option
 from workers.cli.output import table
 from workers.models import DISCREPANCY_STATUSES, DISCREPANCY_TYPES
 
@@ -22,7 +23,14 @@ from workers.models import DISCREPANCY_STATUSES, DISCREPANCY_TYPES
     metavar="G",
     help="razorpay or stripe (repeatable; default: every configured gateway).",
 )
-@click.option("--from", "first", metavar="DATE", help="First day, YYYY-MM-DD, in TIMEZONE.")
+@click.option(
+    "--from",
+    "first",
+    metavar="DATE",
+    cls=RequiredUnless,
+    unless="--show",
+    help="First day, YYYY-MM-DD, in TIMEZONE.",
+)
 @click.option(
     "--to", "last", metavar="DATE", help="Last day, YYYY-MM-DD, included (default: --from)."
 )
@@ -54,10 +62,12 @@ def reconcile(
     if show is not None:
         if first or last or gateways:
             raise click.ClickException("--show RUN takes no --gateway, --from or --to")
+        require_database()
         show_run(show, as_json)
         return
     if not first:
         raise click.ClickException("--from DATE is required (or --show RUN)")
+    require_database()
     ok = run_days(gateways, first, last or first, as_json)
     sys.exit(0 if ok else 1)
 
@@ -66,6 +76,7 @@ def reconcile(
 @click.option("--limit", default=30, show_default=True, type=click.IntRange(1, 10_000))
 @click.option("--gateway", help="Only this gateway's runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def reconcile_runs(limit: int, gateway: str | None, as_json: bool) -> None:
     """The recent runs, newest first: window, status, counts, duration, and how many of their
     findings wait for a person."""
@@ -96,6 +107,7 @@ def reconcile_runs(limit: int, gateway: str | None, as_json: bool) -> None:
                 )
                 for run in runs
             ],
+            right=("run", "payments", "fixed", "waiting", "took"),
         )
     )
 
@@ -108,6 +120,7 @@ def reconcile_runs(limit: int, gateway: str | None, as_json: bool) -> None:
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--after", default=0, type=int, help="Only findings with a higher id (paging).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def reconcile_findings(
     run_id: int,
     kind: str | None,
@@ -152,6 +165,7 @@ def reconcile_findings(
                 )
                 for item in items
             ],
+            right=("id", "payment"),
         )
     )
 
@@ -197,6 +211,7 @@ def review_command(
 @click.option("--reason", required=True, help="Who is on it, and what they are doing.")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@needs_database
 def reconcile_acknowledge(
     finding_ids: tuple[int, ...], reason: str, actor: str, as_json: bool
 ) -> None:
@@ -209,6 +224,7 @@ def reconcile_acknowledge(
 @click.option("--reason", required=True, help="What was done about them.")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@needs_database
 def reconcile_resolve(finding_ids: tuple[int, ...], reason: str, actor: str, as_json: bool) -> None:
     """Close these findings (-> RESOLVED) with what was done, audited."""
     review_command("RESOLVED", finding_ids, reason, actor, as_json)

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from config import get_settings
 from workers.base import utcnow
+from workers.cli.output import table
 from workers.db import new_session, session_scope, steps_on_one_connection
 from workers.errors import BackstopError, one_line
 from workers.gateways.base import GatewayPermanent
@@ -164,10 +165,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 *(str(counts.get(kind, 0)) for kind in TYPES),
             ]
         )
-    widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(COLUMNS)]
-    click.echo("  ".join(col.ljust(width) for col, width in zip(COLUMNS, widths, strict=True)))
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    click.echo(table(COLUMNS, rows, right=COLUMNS[4:]))
     for result in results:
         if result.get("problem"):
             click.echo(f"run {result['run_id']}: {result['outcome']}: {result['problem']}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from datetime import timedelta
 from typing import Any
 
 import click
 
+from workers.cli.database import needs_database
 from workers.cli.options import actor_option
 from workers.cli.output import table
 
@@ -31,6 +33,7 @@ def refund_dict(row: Any) -> dict[str, Any]:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--after", default=0, type=int, help="Only refunds with a higher id (paging).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_list(limit: int, after: int, as_json: bool) -> None:
     """Refunds in manual review, or PENDING/PROCESSING with no change for
     REFUND_STUCK_AFTER_SECONDS; oldest first. Resolved ones are not listed."""
@@ -66,6 +69,7 @@ def refunds_list(limit: int, after: int, as_json: bool) -> None:
                 )
                 for row in rows
             ],
+            right=("id", "amount", "attempts"),
         )
     )
     click.echo(
@@ -77,6 +81,7 @@ def refunds_list(limit: int, after: int, as_json: bool) -> None:
 @refunds.command("show")
 @click.argument("refund_id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_show(refund_id: int, as_json: bool) -> None:
     """One refund: its payment and gateway, attempts, keys, gateway refund id, last error and
     its whole history."""
@@ -97,8 +102,8 @@ def refunds_show(refund_id: int, as_json: bool) -> None:
     for key, value in data.items():
         click.echo(f"{key:>22}  {value if value is not None else '-'}")
     click.echo("")
-    for item in history:
-        click.echo(f"  {item['at']}  {item['what']:<24} {item['actor']:<20} {item['reason'] or ''}")
+    rows = [(item["at"], item["what"], item["actor"], item["reason"] or "") for item in history]
+    click.echo(textwrap.indent(table(("at", "what", "actor", "reason"), rows), "  "))
 
 
 def act(refund_id: int, action: Any, as_json: bool) -> None:
@@ -121,6 +126,7 @@ def act(refund_id: int, action: Any, as_json: bool) -> None:
 @click.argument("refund_id", type=int)
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_recheck(refund_id: int, actor: str, as_json: bool) -> None:
     """Ask the refund's gateway about it now (also in manual review, or still PENDING) and
     record a final answer."""
@@ -141,6 +147,7 @@ def refunds_recheck(refund_id: int, actor: str, as_json: bool) -> None:
 @click.option("--reason", required=True, help="Why: kept in the refund's history.")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_retry(refund_id: int, reason: str, actor: str, as_json: bool) -> None:
     """Send a refund again, out of manual review: a FAILED one with a new key, a PENDING one
     with its own key (looked up at the gateway first if it was sent). Refused for a
@@ -161,6 +168,7 @@ def refunds_retry(refund_id: int, reason: str, actor: str, as_json: bool) -> Non
 @click.option("--reason", required=True, help="How it was resolved: kept in its history.")
 @actor_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@needs_database
 def refunds_resolve(refund_id: int, reason: str, actor: str, as_json: bool) -> None:
     """Mark a refund in manual review resolved: no automatic retry or escalation takes it
     again."""

@@ -1,6 +1,8 @@
 """The shared database helpers: engine and sessions, lock helpers, the transition helper."""
 
 from workers.db.engine import (
+    DatabaseMissing,
+    check_database,
     dispose_engine,
     get_engine,
     make_engine,
@@ -24,12 +26,14 @@ from workers.db.transitions import (
 
 __all__ = [
     "MACHINES",
+    "DatabaseMissing",
     "DryRunSteps",
     "InvalidTransition",
     "Steps",
     "Transition",
     "analyze_if_stale",
     "audited_update",
+    "check_database",
     "claim",
     "dispose_engine",
     "get_engine",

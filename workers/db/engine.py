@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from config import get_settings
+from config.settings import VAR_DIR
 
 log = logging.getLogger("backstop.db")
 _lock = threading.Lock()
@@ -86,6 +87,35 @@ def get_engine() -> Engine:
             _engine_pid = os.getpid()
             _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
         return _engine
+
+
+class DatabaseMissing(Exception):
+    """DATABASE_URL names no backstop database; the message says where it looked, one line."""
+
+
+def check_database() -> None:
+    """Raise DatabaseMissing unless DATABASE_URL holds backstop's tables. An embedded SQLite
+    file that does not exist is not opened, since opening would create it empty."""
+    settings = get_settings()
+    url = make_url(settings.DATABASE_URL)
+    where = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        where = str(Path(url.database))
+        if not Path(url.database).is_file():
+            origin = (
+                "set by DATABASE_URL"
+                if "DATABASE_URL" in settings.model_fields_set
+                else f"the embedded default: BACKSTOP_VAR_DIR is {VAR_DIR}"
+            )
+            raise DatabaseMissing(
+                f"no database at {where}: the file does not exist ({origin}); "
+                "run `backstop db upgrade` first, or set DATABASE_URL"
+            )
+    # Alembic's own table: there once `backstop db upgrade` has run.
+    if not inspect(get_engine()).has_table("alembic_version"):
+        raise DatabaseMissing(
+            f"the database at {where} has no backstop tables: run `backstop db upgrade` first"
+        )
 
 
 def dispose_engine() -> None:

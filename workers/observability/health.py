@@ -11,7 +11,7 @@ from sqlalchemy.engine import make_url
 from config import Settings
 from config.schedule import schedule_windows
 from workers.application import app
-from workers.db import session_scope
+from workers.db import check_database, session_scope
 from workers.errors import one_line
 from workers.gateways.registry import breaker_states
 from workers.jobs import first_seen, last_finished
@@ -34,6 +34,7 @@ def overall(checks: list[Check]) -> str:
 def run_checks(settings: Settings, now: datetime) -> list[Check]:
     checks = [check_broker(settings)]
     try:
+        check_database()  # a missing embedded database is named, not created empty
         with session_scope() as session:
             session.execute(text("SELECT 1"))
             checks.append(Check("database", "ok", _where(settings.DATABASE_URL)))
