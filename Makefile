@@ -114,6 +114,7 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/defer.py
 	$(PY) -m tests.services -- $(PY) bench/faults.py
 	$(PY) -m tests.services -- $(PY) bench/console.py
+	$(PY) -m tests.services -- $(PY) bench/outage.py
 
 # docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).
 screenshot: install redis-server chromium

@@ -58,6 +58,11 @@ def scalar(engine: Engine, sql: str) -> Any:
         return conn.execute(text(sql)).scalar()
 
 
+def scalar_row(engine: Engine, sql: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql)).one()
+
+
 def reset(engine: Engine, broker: redis.Redis) -> None:
     with engine.begin() as conn:
         conn.execute(
@@ -131,19 +136,32 @@ def run_notifications(engine: Engine, sink: SmtpSink, n: int) -> dict[str, Any]:
         if i % 2:
             kwargs["dedupe_key"] = f"bench-{time.time_ns()}-{i}"
         messages.append(("notifications.send", kwargs, {}))
+    persisted: list[float] = []
+
+    def sent_count() -> int:
+        stored, sent = (
+            int(v)
+            for v in scalar_row(
+                engine,
+                "SELECT count(*), count(*) FILTER (WHERE status = 'SENT') FROM notifications",
+            )
+        )
+        if stored >= n and not persisted:  # every send task has run (its row committed)
+            persisted.append(time.perf_counter() - started)
+        return sent
+
     started = time.perf_counter()
     publish(messages)
-    count, seconds = wait(
-        lambda: int(scalar(engine, "SELECT count(*) FROM notifications WHERE status = 'SENT'")),
-        n,
-        started,
-    )
+    count, seconds = wait(sent_count, n, started)
     received = len(sink.messages) - received_before
     attempts = int(scalar(engine, "SELECT count(*) FROM notification_attempts"))
+    persist_s = persisted[0] if persisted else seconds
     return {
         "notifications": count,
         "seconds": round(seconds, 3),
         "per_s": round(count / seconds, 1),
+        "persisted_s": round(persist_s, 3),
+        "persisted_per_s": round(n / persist_s, 1),
         "emails_received": received,
         "attempts": attempts,
         "dead": int(scalar(engine, "SELECT count(*) FROM notifications WHERE status = 'DEAD'")),
@@ -269,6 +287,11 @@ def main() -> int:
         f"    end to end, notifications.send -> SENT: {ratio:.2f}   "
         f">= {TARGET_RATIO}: {verdict(ratio >= TARGET_RATIO)}"
     )
+    persist_ratio = round(ours["persisted_per_s"] / baseline, 2) if baseline else 0.0
+    print(
+        f"    the send tasks alone (every row written): {persist_ratio:.2f}   (a bound: end to "
+        f"end cannot beat it while each notification is a task of its own)"
+    )
     print(
         f"    delivery alone, written rows -> SENT:   {delivery_ratio:.2f}   "
         f">= {TARGET_RATIO}: {verdict(delivery_ratio >= TARGET_RATIO)}"
@@ -294,6 +317,7 @@ def main() -> int:
         summary={
             "ratio_end_to_end": ratio,
             "ratio_delivery": delivery_ratio,
+            "ratio_send_tasks_alone": persist_ratio,
             "end_to_end_pass": ratio >= TARGET_RATIO,
             "delivery_pass": delivery_ratio >= TARGET_RATIO,
             "exactly_once": exact,
