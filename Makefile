@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server chromium node-deps screenshot clean
+.PHONY: install run test lint format bench redis-server postgresql chromium node-deps screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +21,17 @@ redis-server:
 	  echo "installing redis-server with apt"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# Likewise PostgreSQL: the server binaries the harness looks for (`python3 -m tests.services
+# --find-postgres` says which). Debian 12's server is postgresql-15, the major production runs
+# (docker-compose.yml); where there is none, the distribution's default major.
+postgresql:
+	@python3 -m tests.services --find-postgres >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  pkg=$$(apt-cache show postgresql-15 >/dev/null 2>&1 && echo postgresql-15 || echo postgresql) && \
+	  echo "installing $$pkg with apt" && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$pkg >/dev/null && \
+	  python3 -m tests.services --find-postgres; }
 
 # The console's browser tests drive Debian's headless Chromium through Playwright.
 chromium:
@@ -86,10 +97,10 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install redis-server chromium node-deps lint
+test: install redis-server postgresql chromium node-deps lint
 	$(PY) -m tests.services -- $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install redis-server
+bench: install redis-server postgresql
 	$(PY) -m tests.services -- $(PY) bench/holds.py
 	$(PY) -m tests.services -- $(PY) bench/refunds.py
 	$(PY) -m tests.services -- $(PY) bench/notifications.py
@@ -100,7 +111,7 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/console.py
 
 # docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).
-screenshot: install redis-server chromium
+screenshot: install redis-server postgresql chromium
 	$(PY) -m tests.services -- $(PY) scripts/flower_screenshot.py
 
 clean:
