@@ -11,7 +11,6 @@ COPY pyproject.toml README.md ./
 COPY config ./config
 COPY workers ./workers
 COPY tasks ./tasks
-COPY migrations ./migrations
 COPY Procfile ./
 RUN pip install -e . \
  && useradd --system --uid 1000 --home-dir /app backstop \
