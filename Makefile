@@ -6,14 +6,34 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench redis-server postgresql chromium node-deps screenshot clean
+.PHONY: install lock run test lint format bench redis-server postgresql chromium node-deps screenshot clean
 
-$(STAMP): pyproject.toml
+# Dependencies come from the lock alone (hash-checked, nothing resolved at install time), then
+# backstop itself; `pip check` fails when pyproject.toml asks for what the lock does not pin.
+# requirements/dev.txt is production's lock plus the demo and test extras, at the same pins.
+LOCK := requirements/dev.txt
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip check
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh both locks from pyproject.toml, keeping every pin the ranges still allow: production
+# first (the Docker image installs it), then dev constrained to it, so the two never disagree.
+# `make lock LOCK_ARGS=--upgrade` moves every pin to the newest allowed release,
+# `LOCK_ARGS="--upgrade-package stripe"` one package. Then `make test`, and commit the locks.
+UV_PIN := $(shell grep -o 'uv==[0-9.]*' pyproject.toml)
+UV_COMPILE := UV_CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/uv pip compile pyproject.toml \
+	--python-version 3.11 --universal --generate-hashes --quiet $(LOCK_ARGS)
+lock:
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test "$$($(VENV)/bin/uv --version 2>/dev/null | cut -d' ' -f2)" = "$(UV_PIN:uv==%=%)" || \
+	  $(PY) -m pip install --quiet --disable-pip-version-check "$(UV_PIN)"
+	$(UV_COMPILE) -o requirements/production.txt
+	$(UV_COMPILE) --extra demo --extra test -c requirements/production.txt -o requirements/dev.txt
 
 # The test suite and benchmarks start their own private Redis; only the binary is needed.
 redis-server:
