@@ -79,7 +79,10 @@ def find_postgres() -> Path:
                         "as (Postgres refuses root)"
                     ) from None
             return folder
-    where = ", ".join(str(folder) for folder in looked) or "PATH"
+    if os.environ.get("PG_BINDIR"):
+        where = f"PG_BINDIR={os.environ['PG_BINDIR']}"
+    else:
+        where = ", ".join([*map(str, looked), "/usr/lib/postgresql/*/bin", "PATH"])
     raise MissingPostgres(
         f"no PostgreSQL server ({', '.join(PG_TOOLS)}) in {where}; `make test` installs "
         "it with apt (Debian 12: postgresql-15), or set PG_BINDIR"
