@@ -6,14 +6,34 @@ STAMP := $(VENV)/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format alert-rules bench redis-server chromium promtool node-deps screenshot clean
+.PHONY: install lock run test lint format alert-rules bench redis-server postgresql chromium promtool node-deps screenshot clean
 
-$(STAMP): pyproject.toml
+# Dependencies come from the lock alone (hash-checked, nothing resolved at install time), then
+# backstop itself; `pip check` fails when pyproject.toml asks for what the lock does not pin.
+# requirements/dev.txt is production's lock plus the demo and test extras, at the same pins.
+LOCK := requirements/dev.txt
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip check
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh both locks from pyproject.toml, keeping every pin the ranges still allow: production
+# first (the Docker image installs it), then dev constrained to it, so the two never disagree.
+# `make lock LOCK_ARGS=--upgrade` moves every pin to the newest allowed release,
+# `LOCK_ARGS="--upgrade-package stripe"` one package. Then `make test`, and commit the locks.
+UV_PIN := $(shell grep -o 'uv==[0-9.]*' pyproject.toml)
+UV_COMPILE := UV_CUSTOM_COMPILE_COMMAND="make lock" $(VENV)/bin/uv pip compile pyproject.toml \
+	--python-version 3.11 --universal --generate-hashes --quiet $(LOCK_ARGS)
+lock:
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@test "$$($(VENV)/bin/uv --version 2>/dev/null | cut -d' ' -f2)" = "$(UV_PIN:uv==%=%)" || \
+	  $(PY) -m pip install --quiet --disable-pip-version-check "$(UV_PIN)"
+	$(UV_COMPILE) -o requirements/production.txt
+	$(UV_COMPILE) --extra demo --extra test -c requirements/production.txt -o requirements/dev.txt
 
 # The test suite and benchmarks start their own private Redis; only the binary is needed.
 redis-server:
@@ -21,6 +41,17 @@ redis-server:
 	  echo "installing redis-server with apt"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# Likewise PostgreSQL: the server binaries the harness looks for (`python3 -m tests.services
+# --find-postgres` says which). Debian 12's server is postgresql-15, the major production runs
+# (docker-compose.yml); where there is none, the distribution's default major.
+postgresql:
+	@python3 -m tests.services --find-postgres >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  pkg=$$(apt-cache show postgresql-15 >/dev/null 2>&1 && echo postgresql-15 || echo postgresql) && \
+	  echo "installing $$pkg with apt" && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$pkg >/dev/null && \
+	  python3 -m tests.services --find-postgres; }
 
 # The console's browser tests drive Debian's headless Chromium through Playwright.
 chromium:
@@ -102,10 +133,10 @@ alert-rules: promtool
 	promtool check rules deploy/prometheus/alerts.yml
 	cd deploy/prometheus && promtool test rules alerts_test.yml
 
-test: install redis-server chromium promtool node-deps lint alert-rules
+test: install redis-server postgresql chromium promtool node-deps lint alert-rules
 	$(PY) -m tests.services -- $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install redis-server
+bench: install redis-server postgresql
 	$(PY) -m tests.services -- $(PY) bench/holds.py
 	$(PY) -m tests.services -- $(PY) bench/refunds.py
 	$(PY) -m tests.services -- $(PY) bench/notifications.py
@@ -117,7 +148,7 @@ bench: install redis-server
 	$(PY) -m tests.services -- $(PY) bench/outage.py
 
 # docs/flower.png: Flower with backstop's tasks, shot by headless Chromium (needs `chromium`).
-screenshot: install redis-server chromium
+screenshot: install redis-server postgresql chromium
 	$(PY) -m tests.services -- $(PY) scripts/flower_screenshot.py
 
 clean:

@@ -22,13 +22,13 @@ CELERY = [sys.executable, "-m", "celery", "-A", "workers"]
 
 
 class Proc:
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> None:
         self.log = log
         self.node = ""  # a worker's node name, for remote control
         self.popen = subprocess.Popen(
             argv,
             env=env,
-            cwd=ROOT,
+            cwd=cwd,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

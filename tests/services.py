@@ -5,11 +5,17 @@
 Both listen on free loopback ports in a fresh temporary directory and are stopped by PID when the
 command ends, whatever its outcome. PostgreSQL refuses to run as root, so when run as root the
 cluster belongs to the unprivileged `postgres` user. The command sees DATABASE_URL and BROKER_URL.
+
+    python -m tests.services --find-postgres
+
+prints the folder of the PostgreSQL server binaries it would use, or says on one line what is
+missing and exits 1 (`make test` then installs the server with apt).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import shutil
@@ -22,7 +28,65 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
+# What the harness runs of PostgreSQL, all from one installation.
+PG_TOOLS = ("initdb", "postgres", "pg_isready", "createdb")
+
+
+class MissingPostgres(Exception):
+    """No PostgreSQL server installation the harness can run."""
+
+
+def _major(folder: Path) -> tuple[int, ...]:
+    """`/usr/lib/postgresql/15/bin` -> (15,); Debian installs each major side by side."""
+    return tuple(int(part) for part in folder.parent.name.split(".") if part.isdigit())
+
+
+def _candidates(debian: Path = Path("/usr/lib/postgresql")) -> list[Path]:
+    """Where to look, in order: PG_BINDIR when set (and nowhere else), `pg_config --bindir`,
+    Debian's /usr/lib/postgresql/<major>/bin newest major first, then PATH."""
+    if os.environ.get("PG_BINDIR"):
+        return [Path(os.environ["PG_BINDIR"])]
+    found: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        # Debian's pg_config (libpq-dev) names the server's folder even when no server is
+        # installed, so every candidate is checked for the tools themselves.
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            answer = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10
+            )
+            if answer.returncode == 0 and answer.stdout.strip():
+                found.append(Path(answer.stdout.strip()))
+    found += sorted(debian.glob("*/bin"), key=_major, reverse=True)
+    initdb = shutil.which("initdb")
+    if initdb:
+        found.append(Path(initdb).resolve().parent)
+    return list(dict.fromkeys(found))
+
+
+@functools.cache
+def find_postgres() -> Path:
+    """The folder holding every tool of PG_TOOLS, or MissingPostgres saying where it looked."""
+    looked = _candidates()
+    for folder in looked:
+        if all(os.access(folder / tool, os.X_OK) for tool in PG_TOOLS):
+            if os.geteuid() == 0:
+                try:
+                    pwd.getpwnam("postgres")
+                except KeyError:
+                    raise MissingPostgres(
+                        f"PostgreSQL is in {folder} but there is no `postgres` user to run it "
+                        "as (Postgres refuses root)"
+                    ) from None
+            return folder
+    if os.environ.get("PG_BINDIR"):
+        where = f"PG_BINDIR={os.environ['PG_BINDIR']}"
+    else:
+        where = ", ".join([*map(str, looked), "/usr/lib/postgresql/*/bin", "PATH"])
+    raise MissingPostgres(
+        f"no PostgreSQL server ({', '.join(PG_TOOLS)}) in {where}; `make test` installs "
+        "it with apt (Debian 12: postgresql-15), or set PG_BINDIR"
+    )
 
 
 def _free_port() -> int:
@@ -32,14 +96,10 @@ def _free_port() -> int:
 
 
 def _pg_tool(name: str) -> str:
-    for folder in PG_BIN_DIRS:
-        path = Path(folder) / name
-        if path.exists():
-            return str(path)
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"services: {name} not found; install postgresql-15")
-    return found
+    try:
+        return str(find_postgres() / name)
+    except MissingPostgres as exc:
+        raise SystemExit(f"services: {exc}") from None
 
 
 def _as_postgres() -> dict[str, object]:
@@ -177,6 +237,13 @@ def _stop(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--find-postgres"]:
+        try:
+            print(find_postgres())
+        except MissingPostgres as exc:
+            print(f"services: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:

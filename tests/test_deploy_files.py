@@ -1,4 +1,5 @@
-"""The Procfile, docker-compose.yml and the Makefile agree with each other and the contract."""
+"""The Procfile, docker-compose.yml, the Dockerfile and the Makefile agree with each other and the
+contract."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import re
 import yaml
 
 from tests.processes import ROOT
+
+# What the wheel is built from: the Dockerfile's wheel stage and tests/test_package.py.
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "config", "workers", "tasks")
 
 
 def procfile() -> dict[str, str]:
@@ -92,3 +96,56 @@ def test_the_readme_describes_every_procfile_process() -> None:
         if line.strip() and not line.startswith("#"):
             name = line.split(":", 1)[0]
             assert f"| `{name}`" in readme, f"README's process table lacks {name}"
+
+
+def dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuations joined, comments dropped), per stage."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_the_image_builds_a_wheel_from_the_sources_alone() -> None:
+    first, *_ = dockerfile_stages()
+    copied = [src for line in first if line.startswith("COPY ") for src in line.split()[1:-1]]
+    assert sorted(copied) == sorted(WHEEL_SOURCES)
+    assert any(re.search(r"pip wheel --no-deps\b", line) for line in first)
+
+
+def test_the_image_installs_the_production_lock_then_the_wheel_non_editable() -> None:
+    *_, final = dockerfile_stages()
+    text = "\n".join(final)
+    assert "requirements/production.txt" in text and "requirements/dev.txt" not in text
+    assert re.search(r"pip install --require-hashes --no-deps -r \S*production\.txt", text)
+    assert re.search(r"pip install --no-deps \S*\.whl", text)
+    assert "pip check" in text
+    assert not re.search(r"(^|\s)(-e|--editable)(\s|$)", text)
+    for line in final:  # no source tree beside the installed package
+        if line.startswith("COPY ") and "--from=" not in line:
+            assert not set(line.split()[1:-1]) & {"workers", "config", "tasks", "."}, line
+
+
+def test_the_image_runs_as_a_non_root_user() -> None:
+    *_, final = dockerfile_stages()
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0") and not users[-1].startswith("0:")
+    assert any("useradd" in line and users[-1] in line for line in final)
+
+
+def test_make_install_and_ci_install_from_the_dev_lock() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^LOCK := requirements/dev\.txt$", makefile, re.M)
+    stamp = re.search(r"^\$\(STAMP\): (.*)$", makefile, re.M)
+    assert stamp and "$(LOCK)" in stamp.group(1).split()  # a new lock reinstalls
+    assert "--require-hashes --no-deps -r $(LOCK)" in makefile
+    assert "--no-deps -e ." in makefile
+    assert re.search(r"^test: install\b", makefile, re.M)
+    lock = makefile[makefile.index("\nlock:") :]
+    assert "-o requirements/production.txt" in lock and "-o requirements/dev.txt" in lock

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import stripe
 
 from tests.workers.factories import CAPTURED, CURRENCY
 from workers.gateways.base import (
@@ -16,6 +17,7 @@ from workers.gateways.base import (
     payment_status,
     refund_status,
 )
+from workers.gateways.stripe import STRIPE_API_VERSION
 
 GATEWAYS = ["razorpay", "stripe"]
 
@@ -225,3 +227,18 @@ def test_payment_listing_pages_through_a_window(
         cursor = page.cursor
     assert [len(page) for page in pages] == [100, 100, 30]
     assert len({payment.id for page in pages for payment in page}) == 230
+
+
+def test_the_stripe_adapter_targets_the_api_version_of_its_sdk() -> None:
+    # A new stripe-python major targets a new API version: adopt it on purpose, here.
+    assert stripe.api_version == STRIPE_API_VERSION
+
+
+def test_every_stripe_request_names_the_adapters_api_version(
+    sim: Any, gateways: dict[str, Any]
+) -> None:
+    payment = paid(sim, "stripe")
+    refund = gateways["stripe"].submit_refund(request(payment, "stripe"))
+    gateways["stripe"].fetch_refund(payment, refund.id)
+
+    assert sim.stats()["stripe_versions"] == {STRIPE_API_VERSION: 2}

@@ -289,6 +289,23 @@ def test_stripe_key_expires_after_a_day(state: SimulatorState, stp: stripe.Strip
     assert effects["duplicates"] == ["ref-1"]
 
 
+def test_stripe_api_version_other_than_the_adapters_is_refused(
+    state: SimulatorState, server: SimulatorServer
+):
+    intent = state.add_payment("stripe", amount=1000)
+    older = stripe.StripeClient(
+        API_KEY,
+        base_addresses={"api": server.url},
+        http_client=stripe.RequestsClient(timeout=5),
+        max_network_retries=0,
+        stripe_version="2024-06-20",
+    )
+
+    with pytest.raises(stripe.InvalidRequestError, match="Invalid Stripe API version: 2024-06-20"):
+        older.v1.payment_intents.retrieve(intent["id"])
+    assert state.stats()["stripe_versions"] == {"2024-06-20": 1}
+
+
 def test_stripe_refund_validation(state: SimulatorState, stp: stripe.StripeClient):
     intent = state.add_payment("stripe", amount=1000)
     uncaptured = state.add_payment("stripe", amount=1000, status="requires_capture")

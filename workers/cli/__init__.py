@@ -24,7 +24,7 @@ from workers.cli.settings import config_group
 
 
 @click.group()
-@click.version_option(package_name="backstop")
+@click.version_option(package_name="backstop", prog_name="backstop")
 def main() -> None:
     """backstop: the background-worker system of the bookings-and-payments platform."""
 

@@ -31,6 +31,7 @@ from workers.devtools.local_server import (
     Faults,
     serve_foreground,
 )
+from workers.gateways.stripe import STRIPE_API_VERSION
 
 RAZORPAY = "razorpay"
 STRIPE = "stripe"
@@ -182,6 +183,7 @@ class SimulatorState:
         self._idempotency: dict[tuple[str, str], _IdempotencyRecord] = {}
         self._refund_outcome = {RAZORPAY: "processed", STRIPE: "succeeded"}
         self._requests: Counter[str] = Counter()
+        self._stripe_versions: Counter[str] = Counter()
         self._refunds_created = 0
         self._by_key: Counter[str] = Counter()
         self._by_reference: Counter[str] = Counter()
@@ -489,7 +491,7 @@ class SimulatorState:
                 body = {
                     "id": f"evt_{next(self._ids):024d}",
                     "object": "event",
-                    "api_version": "2024-06-20",
+                    "api_version": STRIPE_API_VERSION,
                     "created": at,
                     "type": event_type,
                     "livemode": False,
@@ -514,9 +516,22 @@ class SimulatorState:
             return {
                 "requests": dict(self._requests),
                 "faults_injected": self._faults.injected(),
+                "stripe_versions": dict(self._stripe_versions),
             }
 
     # -- fault decisions ----------------------------------------------------------------------
+
+    def _check_stripe_version(self, version: str | None) -> None:
+        """Count the `Stripe-Version` a request names; like Stripe, refuse one it does not
+        speak (this simulator speaks only the version the adapter targets)."""
+        with self._lock:
+            self._stripe_versions[version or "(account default)"] += 1
+        if version and version != STRIPE_API_VERSION:
+            raise SimulatorError(
+                400,
+                f"Invalid Stripe API version: {version} (this simulator speaks "
+                f"{STRIPE_API_VERSION})",
+            )
 
     def _admit(self, endpoint: str) -> Admission:
         """Count a request and decide its faults."""
@@ -1107,6 +1122,8 @@ def create_app(state: SimulatorState) -> Flask:
         try:
             if not authorized(gateway):
                 raise _auth_error(gateway)
+            if gateway == STRIPE:
+                state._check_stripe_version(request.headers.get("Stripe-Version"))
             body, headers = operation()
             answer = state._reshaped(endpoint, body)
             response = (

@@ -39,6 +39,11 @@ from workers.gateways.http import http_session
 
 T = TypeVar("T")
 API = "https://api.stripe.com"
+# The Stripe API version this adapter is written and tested for: the one stripe-python 16.x
+# targets (pyproject.toml allows that major only). Sent on every request, so what Stripe answers
+# never changes shape with the account's default version; a new SDK major is a new version,
+# adopted on purpose (tests/gateways/test_adapters.py checks the two agree).
+STRIPE_API_VERSION = "2026-10-28.endive"
 PAGE = 100  # Stripe's largest `limit`
 
 
@@ -57,6 +62,7 @@ class StripeGateway:
                 timeout=timeout, session=session, proxy=proxies or None
             ),
             max_network_retries=0,
+            stripe_version=STRIPE_API_VERSION,
         )
         self._v1 = self._client.v1
 
