@@ -544,10 +544,14 @@ def run_drill(
     while time.monotonic() < deadline:
         now_left = left(engine, broker)
         elapsed = time.perf_counter() - started
-        if not now_left.pending and "notifications" not in marks:
-            marks["notifications"] = elapsed
-        if not now_left.refunds and "refunds" not in marks:
-            marks["refunds"] = elapsed
+        for key, busy in (
+            ("notifications sent", now_left.pending),
+            ("refunds completed", now_left.refunds),
+            ("letters decided and replayed", now_left.letters),
+            ("queues empty", now_left.queued),
+        ):
+            if busy or key not in marks:  # the last time it still had work, once done
+                marks[key] = elapsed
         if "operator" not in operator and job_finished(engine, "dlq.triage"):
             marks["triage"] = elapsed
             session = new_session()
@@ -651,7 +655,8 @@ def report(escalation: dict[str, Any], sweep: dict[str, Any], drill: dict[str, A
         f"\n  the drill: {drill['notifications']:,} notifications, {drill['refunds']:,} refunds, "
         f"{drill['letters']:,} dead letters"
     )
-    marks = ", ".join(f"{key} {value:.1f} s" for key, value in drill["marks"].items())
+    ordered = sorted(drill["marks"].items(), key=lambda item: item[1])
+    marks = ", ".join(f"{key} {value:.1f} s" for key, value in ordered)
     print(f"    providers back -> nothing left to do: {drill['seconds']:.1f} s ({marks})")
     if drill["operator"]:
         op = drill["operator"]
