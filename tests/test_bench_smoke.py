@@ -71,8 +71,9 @@ def test_the_notification_bench_delivers_each_notification_once(
 def test_the_outage_drill_drains_with_no_refund_made_twice(committed: Engine, redis: Any) -> None:
     out = run_quick("outage.py")
     assert "drained: PASS" in out
+    assert "the drill (drained, nothing sent or refunded twice): PASS" in out
     assert "twice 0 (must be 0: PASS)" in out
-    assert "SMS received 1,000 for 1,000" in out
+    assert "every round, one SMS per notification: PASS" in out
     assert "1 alert for 1,000 refunds" in out
 
 

@@ -85,6 +85,18 @@ def test_a_job_past_its_first_window_without_a_run_is_degraded(committed: Engine
     assert nightly["status"] == "ok" and nightly["detail"].startswith("waiting for first run")
 
 
+def test_a_job_nothing_recorded_as_scheduled_is_degraded_with_what_to_do(
+    committed: Engine,
+) -> None:
+    """Migrated by plain `alembic upgrade` and beat never started: nothing says since when to
+    expect the jobs, and nothing will run them. Not "waiting" for ever: degraded, and how."""
+    code, report = health()  # the schema is there; scheduled_jobs is empty
+    assert (code, report["status"]) == (1, "degraded"), report
+    retry = checks(report)["schedule refunds.retry_stuck"]
+    assert retry["status"] == "degraded", retry
+    assert "backstop db upgrade" in retry["detail"] and "beat" in retry["detail"], retry
+
+
 def test_db_upgrade_records_each_job_when_first_scheduled_and_keeps_that_time(
     committed: Engine,
 ) -> None:

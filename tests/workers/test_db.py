@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
@@ -124,3 +125,68 @@ def _analyze_before_the_next_bulk_run(committed: Engine) -> None:
         assert analyzed
         assert _estimated_rows(committed, "WHERE status = 'MANUAL_REVIEW'") > 4000
         assert analyze_if_stale(session, "dead_letters") is False
+
+
+def _stale_manual_review(committed: Engine, n: int) -> None:
+    """n letters moved out of NEW in one statement after the last ANALYZE, as triage leaves
+    them, with the change counted in the statistics (autovacuum kept off: the caller resets)."""
+    with committed.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO dead_letters (task_name, payload, error_type, error_message, status) "
+                "SELECT 'holds.expire', jsonb_build_object('hold_id', g), 'E', 'm', 'NEW' "
+                "FROM generate_series(1, :n) g"
+            ),
+            {"n": n},
+        )
+    with committed.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE dead_letters"))
+        conn.execute(text("ALTER TABLE dead_letters SET (autovacuum_enabled = false)"))
+    with committed.begin() as conn:
+        conn.execute(text("UPDATE dead_letters SET status = 'MANUAL_REVIEW'"))
+        conn.execute(text("SELECT pg_stat_force_next_flush()"))
+    deadline = time.monotonic() + 10
+    changed = "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'dead_letters'"
+    while True:
+        with committed.connect() as conn:
+            if int(conn.execute(text(changed)).scalar() or 0) >= n:
+                return
+        assert time.monotonic() < deadline, "the changed rows never showed in the statistics"
+        time.sleep(0.1)
+
+
+def test_a_bulk_replay_analyzes_first_and_a_dry_run_leaves_the_statistics_alone(
+    committed: Engine, redis: Any
+) -> None:
+    from workers.base import utcnow
+    from workers.db import DryRunSteps, Steps
+    from workers.dlq.browse import Filters
+    from workers.dlq.bulk import Selection, act_on_selection
+
+    def replay_all(steps_class: type[Steps]) -> int:
+        with Session(committed) as session:
+            counts = act_on_selection(
+                steps_class(session),
+                Selection(Filters(statuses=("MANUAL_REVIEW",)), utcnow()),
+                "replay",
+                actor="ops",
+                reason="test",
+                now=utcnow(),
+            )
+            session.commit()
+        return counts.replayed
+
+    try:
+        _stale_manual_review(committed, 5000)
+        assert _estimated_rows(committed, "WHERE status = 'MANUAL_REVIEW'") < 10
+        assert replay_all(DryRunSteps) == 5000
+        # The dry run did not analyze (its ANALYZE would be rolled back, and yet reset the
+        # change counter the real run then goes by).
+        assert _estimated_rows(committed, "WHERE status = 'MANUAL_REVIEW'") < 10
+        assert replay_all(Steps) == 5000
+        # Analyzed before the batches moved the letters on: the statistics saw all of them in
+        # manual review.
+        assert _estimated_rows(committed, "WHERE status = 'MANUAL_REVIEW'") > 4000
+    finally:
+        with committed.begin() as conn:
+            conn.execute(text("ALTER TABLE dead_letters RESET (autovacuum_enabled)"))

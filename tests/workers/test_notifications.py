@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kombu.exceptions
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
@@ -621,8 +622,33 @@ def test_two_sweeps_at_once_send_each_delivery_once(committed: Engine, redis: An
     for thread in threads:
         thread.join()
     # Each row taken by one sweep (the pumps then claim each once, with SKIP LOCKED and a
-    # lease), and the batches' kicks debounced into one pump, not a message per row.
+    # lease), and the batches' kicks debounced into pumps, not a message per row.
     assert sum(counts) == 600
+    with session_scope() as session:
+        marked = session.scalars(select(Notification.enqueued_at)).all()
+    assert marked == [now] * 600
+    pumps = queued(redis)
+    assert 1 <= len(pumps) <= 12  # at most one a batch of 50
+    assert all(pump == ("notifications.deliver_due", {}) for pump in pumps)
+
+
+def test_a_kick_whose_pump_could_not_be_sent_leaves_the_next_kick_free(
+    committed: Engine, redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The debounce key says "a pump is on its way"; when the send fails none is, and a
+    later kick within the debounce window must send one instead of riding on nothing."""
+    from workers.celery_app import app
+    from workers.messaging.outbox import PUMP_KEY, kick
+
+    def broker_down(*args: Any, **kwargs: Any) -> None:
+        raise kombu.exceptions.OperationalError("Error 111 connecting to the broker")
+
+    monkeypatch.setattr(app, "send_task", broker_down)
+    with pytest.raises(kombu.exceptions.OperationalError):
+        kick()
+    assert not redis.exists(PUMP_KEY)
+    monkeypatch.undo()
+    kick()
     assert queued(redis) == [("notifications.deliver_due", {})]
 
 

@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 
 
 class Steps:
+    dry_run = False  # DryRunSteps: every step is rolled back
+
     def __init__(self, session: Session) -> None:
         self.session = session
 
@@ -40,6 +42,8 @@ class Steps:
 class DryRunSteps(Steps):
     """Steps whose every step is rolled back at its end: a dry run takes the same path as the
     real one and leaves nothing behind (what a step asked to send after commit is dropped)."""
+
+    dry_run = True
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[Session]:

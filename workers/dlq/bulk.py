@@ -118,8 +118,9 @@ def act_on_selection(
     if not reason.strip():
         raise ValueError(f"a bulk {action} needs a reason")
     counts = BulkCounts()
-    with steps.step("statistics") as session:
-        analyze_if_stale(session, DeadLetter.__tablename__)
+    if not steps.dry_run:  # a dry run's ANALYZE would be undone, and still reset the counter
+        with steps.step("statistics") as session:
+            analyze_if_stale(session, DeadLetter.__tablename__)
     after = 0
     query = selection.query(action).with_only_columns(
         DeadLetter.id, DeadLetter.task_name, DeadLetter.status, DeadLetter.payload

@@ -5,6 +5,7 @@ through Redis. The delivery itself is `workers.notify`'s."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -53,13 +54,21 @@ def _pump_redis() -> Any | None:
 
 def kick() -> None:
     client = _pump_redis()
+    claimed = False
     if client is not None:
         try:
             if not client.set(PUMP_KEY, "1", nx=True, px=PUMP_DEBOUNCE_MS):
                 return
+            claimed = True
         except Exception as exc:  # Redis unreachable: send the pump anyway
             log.warning("notification.kick_unchecked", extra={"error": one_line(exc)[:200]})
-    send("notifications.deliver_due", {})
+    try:
+        send("notifications.deliver_due", {})
+    except Exception:
+        if claimed:  # no pump went out: the next kick must not ride on one
+            with contextlib.suppress(Exception):
+                client.delete(PUMP_KEY)  # type: ignore[union-attr]
+        raise
 
 
 def pump_started() -> None:

@@ -78,8 +78,16 @@ def schedule_check(
                 name, "degraded", f"last run {_age(now - last)} ago; window {_age(window)}"
             )
         return Check(name, "ok", f"last run {_age(now - last)} ago")
-    if since is None:  # not recorded yet: the next schedule check records it
-        return Check(name, "ok", "waiting for first run")
+    if since is None:
+        # Nothing says since when to expect it: `backstop db upgrade` records the schedule and
+        # so does beat's schedule check. Neither has run (a plain `alembic upgrade`, beat not
+        # started): say so rather than wait for ever.
+        return Check(
+            name,
+            "degraded",
+            "has never finished a run, and the schedule is not recorded: run `backstop db "
+            "upgrade` (or start beat)",
+        )
     scheduled = f"scheduled {_age(now - since)} ago, window {_age(window)}"
     if now - since > window:
         return Check(name, "degraded", f"has never finished a run; {scheduled}")
