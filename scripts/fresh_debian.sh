@@ -6,12 +6,18 @@
 #
 #   sudo scripts/fresh_debian.sh                      # the packaging and harness tests
 #   sudo scripts/fresh_debian.sh tests/workers -x     # any pytest arguments
+#   sudo scripts/fresh_debian.sh --make-test          # CI's command itself: `make test`, which
+#                                                     # installs every tool it needs too
 #
 # Needs root and debootstrap (installed with apt when missing); downloads about 300 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "fresh_debian: run as root (debootstrap and chroot need it)" >&2; exit 2; }
-if [ $# -eq 0 ]; then
+make_test=false
+if [ "${1:-}" = --make-test ]; then
+  make_test=true
+  shift
+elif [ $# -eq 0 ]; then
   set -- tests/test_services.py tests/test_migrations.py tests/test_dependencies.py \
     tests/test_package.py tests/test_deploy_files.py
 fi
@@ -47,6 +53,13 @@ chroot "$root" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-g
 mkdir "$root/src"
 git archive HEAD | tar -x -C "$root/src"
 
+if $make_test; then
+  # What CI runs, in a fresh clone, on a machine that has none of the tools.
+  chroot "$root" env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    LANG=C.UTF-8 CI=true PIP_CERT=/ca-certificates.crt NODE_EXTRA_CA_CERTS=/ca-certificates.crt \
+    bash -euo pipefail -c 'cd /src && python3 -m tests.services --find-postgres || true; make test'
+  exit
+fi
 chroot "$root" env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
   PIP_CERT=/ca-certificates.crt bash -euo pipefail -c '
     cd /src
