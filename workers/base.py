@@ -40,7 +40,7 @@ from workers.errors import (
     one_line,
     retryable,
 )
-from workers.jobs import record_heartbeat, run_in_slot
+from workers.jobs import held_slot, record_heartbeat, run_in_slot
 from workers.messaging.broker import broker_redis
 from workers.messaging.enqueue import enqueue_after_commit, send
 from workers.payloads import Payload, validate
@@ -92,13 +92,17 @@ class TaskContext:
         )
 
     def in_slot(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run this scheduled task's `work` once for the schedule slot `now` falls in (the job
-        is the task's name): a second beat or a manual run in the same slot does nothing (see
-        `workers.jobs.claim_slot`)."""
+        """Run this scheduled task's `work` once for its schedule slot (the job is the task's
+        name): the slot this task id already holds (an operator's run now, a redelivery), else
+        the one `now` falls in. A second beat or a manual run in the same slot does nothing
+        (see `workers.jobs.claim_slot`)."""
+        slot = held_slot(self.session, self.task_name, self.task_id) or current_slot(
+            self.task_name, get_settings(), self.now
+        )
         return run_in_slot(
             self.session,
             self.task_name,
-            current_slot(self.task_name, get_settings(), self.now),
+            slot,
             task_id=self.task_id,
             now=self.now,
             clock=self.clock,

@@ -103,6 +103,27 @@ def first_seen(session: Session) -> dict[str, datetime]:
     return {name: seen for name, seen in rows}
 
 
+def held_slot(session: Session, job_name: str, task_id: str | None) -> datetime | None:
+    """The slot this task id has claimed and not finished, if any: an operator's run now
+    claims the current slot before it sends the task, and a run redelivered after a crash
+    holds its slot already. Either may start after the slot's boundary; it carries on with the
+    slot it holds, not the one its clock falls in (which would leave the held one unfinished
+    and its work undone)."""
+    if task_id is None:
+        return None
+    return session.execute(
+        select(JobRun.bucket)
+        .where(
+            JobRun.job_name == job_name,
+            JobRun.task_id == task_id,
+            JobRun.bucket.isnot(None),
+            JobRun.finished_at.is_(None),
+        )
+        .order_by(JobRun.bucket.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
 def claim_slot(
     session: Session,
     job_name: str,

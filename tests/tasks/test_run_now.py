@@ -5,16 +5,19 @@ run now for the same slot is refused with nothing sent."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
+from config.schedule import current_slot
 from config.settings import load_settings
 from tests.conftest import wait_until
 from tests.processes import Proc
 from workers.base import utcnow
 from workers.db import session_scope
+from workers.jobs import claim_slot
 from workers.messaging.enqueue import send
 from workers.models import JobRun
 from workers.ops.schedules import JobRefused, jobs_overview, run_now
@@ -59,3 +62,24 @@ def test_run_now_takes_the_slot_once_and_beat_then_skips_it(
         run_now(session, "holds.sweep_expired", settings, utcnow(), "alice")
     with session_scope() as session, pytest.raises(JobRefused, match="not a scheduled job"):
         run_now(session, "refunds.submit", settings, utcnow(), "alice")
+
+
+def test_a_run_now_that_starts_after_its_slot_ended_finishes_the_slot_it_claimed(
+    committed: Engine, redis: Any, start_worker: Callable[..., Proc]
+) -> None:
+    """The console claims the current slot and sends the task; the task may start after the
+    slot's boundary (a busy queue). It must run the slot it holds, not start the next one and
+    leave the claimed run unfinished, its work undone."""
+    start_worker()
+    settings = load_settings()
+    now = utcnow()
+    earlier = current_slot("dlq.triage", settings, now) - timedelta(minutes=15)
+    task_id = "run-now-claimed-before-the-boundary"
+    with session_scope() as session:  # what run_now did, 15 minutes ago
+        assert claim_slot(
+            session, "dlq.triage", earlier, task_id=task_id, now=now, requested_by="alice"
+        )
+    send("dlq.triage", {}, task_id=task_id)
+    wait_until(lambda: [r.outcome for r in slot_rows("dlq.triage")] == ["OK"], timeout=30)
+    [row] = slot_rows("dlq.triage")
+    assert (row.bucket, row.task_id, row.requested_by) == (earlier, task_id, "alice")
