@@ -45,5 +45,18 @@ def service_urls() -> tuple[str, str] | None:
     return url, broker_url
 
 
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text(sql), params).scalar()
+
+
+def settle(engine: Engine, tables: str = "") -> None:
+    """After a load: `VACUUM ANALYZE` (these tables, or all) and a CHECKPOINT, so that every
+    run starts from the same planner statistics and no pending writes."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text(f"VACUUM ANALYZE {tables}".rstrip()))
+        conn.execute(text("CHECKPOINT"))
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"

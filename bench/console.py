@@ -43,7 +43,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, service_urls, verdict  # noqa: E402
+from bench.common import machine, service_urls, settle, verdict  # noqa: E402
 from tests import processes  # noqa: E402
 
 PAGE_TARGET_MS = 150.0
@@ -146,9 +146,7 @@ def load(engine: Engine, broker: redis.Redis, letters: int, refunds: int, runs: 
     with engine.begin() as conn:
         for sql in LOAD_SQL:
             conn.execute(text(sql), {"letters": letters, "refunds": refunds, "runs": runs})
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE"))
-        conn.execute(text("CHECKPOINT"))
+    settle(engine)
     broker.flushdb()
     return time.perf_counter() - started
 

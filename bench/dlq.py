@@ -45,7 +45,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, service_urls  # noqa: E402
+from bench.common import machine, service_urls, settle  # noqa: E402
 from tests import processes  # noqa: E402
 
 TARGET_SECONDS = 10.0
@@ -168,9 +168,7 @@ def load(engine: Engine, broker: redis.Redis, n: int, now: datetime, status: str
             {"n": refunds, "done": done_from},
         )
         conn.execute(text(LETTERS_SQL), {**columns, "status": status})
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE dead_letters, booking_holds, refunds"))
-        conn.execute(text("CHECKPOINT"))
+    settle(engine, "dead_letters, booking_holds, refunds")
     broker.flushdb()
 
 

@@ -43,7 +43,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
-from bench.common import machine, service_urls  # noqa: E402
+from bench.common import machine, scalar, service_urls, settle  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 
@@ -120,11 +120,6 @@ def start_beat(logs: Path) -> Proc:
     return processes.beat(celery_env(), logs / "beat.log", logs / "beat-schedule")
 
 
-def scalar(engine: Engine, sql: str, **params: Any) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(text(sql), params).scalar()
-
-
 def reset(engine: Engine, broker: redis.Redis) -> None:
     with engine.begin() as conn:
         conn.execute(
@@ -145,9 +140,7 @@ def load_backlog(engine: Engine, broker: redis.Redis, holds: int) -> None:
     with engine.begin() as conn:
         conn.execute(text("SELECT setseed(0.42)"))
         conn.execute(text(BACKLOG_SQL), {"n": holds})
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE booking_holds"))
-        conn.execute(text("CHECKPOINT"))
+    settle(engine, "booking_holds")
 
 
 def remaining_due(engine: Engine) -> int:

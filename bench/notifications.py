@@ -41,7 +41,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
-from bench.common import machine, service_urls, verdict  # noqa: E402
+from bench.common import machine, scalar, service_urls, settle, verdict  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 from tests.smtp_sink import SmtpSink  # noqa: E402
@@ -51,11 +51,6 @@ CPUS = os.cpu_count() or 1
 FULL, QUICK = 5_000, 500
 TIMEOUT = 600.0
 NOOP = "celery.accumulate"
-
-
-def scalar(engine: Engine, sql: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(text(sql)).scalar()
 
 
 def scalar_row(engine: Engine, sql: str) -> Any:
@@ -71,9 +66,7 @@ def reset(engine: Engine, broker: redis.Redis) -> None:
                 "RESTART IDENTITY CASCADE"
             )
         )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE notifications, state_transitions"))
-        conn.execute(text("CHECKPOINT"))
+    settle(engine, "notifications, state_transitions")
     broker.flushdb()
 
 

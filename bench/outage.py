@@ -58,7 +58,8 @@ from sqlalchemy import Engine, event, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
-from bench.common import machine, service_urls, verdict  # noqa: E402
+from bench.common import machine, scalar, service_urls, settle, verdict  # noqa: E402
+from bench.refunds import CURRENCY, SETTLED, seed_simulator  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 
@@ -67,9 +68,6 @@ QUEUES = ("critical", "default", "notifications", "batch")
 SWEEP_EVERY = 10.0  # NOTIFY_OUTBOX_SWEEP_SECONDS for the drill's workers (beat's period)
 TARGET_SWEEP_RATIO = 0.8
 TARGET_ESCALATION_DB_S = 2.0
-CURRENCY = {"razorpay": "INR", "stripe": "usd"}
-CAPTURED = {"razorpay": "captured", "stripe": "succeeded"}
-SETTLED = {"razorpay": "processed", "stripe": "succeeded"}
 
 
 @dataclass(frozen=True)
@@ -89,11 +87,6 @@ FULL = Sizes(10_000, 1_000, 50_000, 2_000, 50_000, 5_000, 10_000, 15_000, 900.0)
 QUICK = Sizes(1_000, 100, 1_000, 200, 1_000, 100, 200, 300, 300.0)
 
 
-def scalar(engine: Engine, sql: str, **params: Any) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(text(sql), params).scalar()
-
-
 def reset(engine: Engine, broker: redis.Redis) -> None:
     with engine.begin() as conn:
         conn.execute(
@@ -104,12 +97,6 @@ def reset(engine: Engine, broker: redis.Redis) -> None:
             )
         )
     broker.flushdb()
-
-
-def settle(engine: Engine) -> None:
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE"))
-        conn.execute(text("CHECKPOINT"))
 
 
 def wait_until(done: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
@@ -378,46 +365,13 @@ def seed_refunds(engine: Engine, state: Any, n: int) -> None:
     """n refunds: the first half PROCESSING (the gateway made them pending and has settled them
     since), the second half PENDING (the request timed out): of those, every other one reached
     the gateway (a refund with its key exists), the rest never did. New refunds settle at once."""
-    gateways = ["razorpay" if i % 2 == 0 else "stripe" for i in range(n)]
-    payment_ids = [
-        f"pay_drill{i + 1:010d}" if gw == "razorpay" else f"pi_drill{i + 1:020d}"
-        for i, gw in enumerate(gateways)
-    ]
-    keys = [f"bkr-{i + 1}-drill0000000000" for i in range(n)]
-    statuses, refund_ids = [], []
-    for gw in CURRENCY:
-        state.set_refund_outcome(gw, "pending")
-        state.add_payments(
-            gw,
-            [
-                {"id": pid, "amount": 10_000, "currency": CURRENCY[gw], "status": CAPTURED[gw]}
-                for pid, g in zip(payment_ids, gateways, strict=True)
-                if g == gw
-            ],
-        )
-    made = []
-    with state._lock:  # the simulator's own constructor: there is no bulk endpoint
-        for i, (gw, pid) in enumerate(zip(gateways, payment_ids, strict=True)):
-            processing = i < n // 2
-            statuses.append("PROCESSING" if processing else "PENDING")
-            if processing or i % 2 == 0:
-                payment = state._payments[gw][pid]
-                notes = {"backstop_refund_id": str(i + 1), "backstop_idempotency_key": keys[i]}
-                refund = state._create_refund(
-                    gw,
-                    payment,
-                    2_500,
-                    notes=notes,
-                    receipt=f"refund-{i + 1}",
-                    reason=None,
-                    key=keys[i],
-                )
-                made.append((refund.id, gw))
-            refund_ids.append(made[-1][0] if processing else "")
-    for refund_id, gw in made:
-        state.settle_refund(refund_id, SETTLED[gw])
+    backlog = seed_simulator(state, n, tag="drill", reached=lambda i: i < n // 2 or i % 2 == 0)
     for gw in CURRENCY:
         state.set_refund_outcome(gw, SETTLED[gw])
+    statuses = ["PROCESSING" if i < n // 2 else "PENDING" for i in range(n)]
+    # A PENDING refund's gateway id is what its lost answer would have said: not known here.
+    refund_ids = [rid if i < n // 2 else "" for i, rid in enumerate(backlog.refund_ids)]
+    gateways, payment_ids, keys = backlog.gateways, backlog.payment_ids, backlog.keys
     with engine.begin() as conn:
         for statement in DRILL_REFUNDS_SQL.strip().split(";\n"):
             conn.execute(

@@ -56,7 +56,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine, service_urls, verdict  # noqa: E402
+from bench.common import machine, service_urls, settle, verdict  # noqa: E402
 
 DAY = "2026-05-04"
 START = datetime(2026, 5, 4, tzinfo=UTC)
@@ -158,9 +158,7 @@ def load_database(engine: Engine, gateway: str, size: int) -> None:
                 "size": size,
             },
         )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE payments"))
-        conn.execute(text("CHECKPOINT"))
+    settle(engine, "payments")
 
 
 # -- measuring a child ----------------------------------------------------------------------------

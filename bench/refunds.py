@@ -39,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +51,7 @@ from sqlalchemy import Engine, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the shared process helpers live in tests/
 
-from bench.common import machine, service_urls, verdict  # noqa: E402
+from bench.common import machine, scalar, service_urls, settle, verdict  # noqa: E402
 from tests import processes  # noqa: E402
 from tests.processes import Proc  # noqa: E402
 
@@ -121,16 +122,19 @@ class Backlog:
         return len(self.refund_ids)
 
 
-def seed_simulator(state: Any, n: int) -> Backlog:
+def seed_simulator(
+    state: Any, n: int, *, tag: str = "bench", reached: Callable[[int], bool] | None = None
+) -> Backlog:
     """n captured payments and one refund each, made pending and then settled at the gateway.
     The refunds are made under the simulator's lock with its own constructor (there is no bulk
-    endpoint for them); each carries our reference, as the adapters write it."""
+    endpoint for them); each carries our reference, as the adapters write it. `reached(i)`
+    False: refund i never reached the gateway (none made; its id is "")."""
     gateways = ["razorpay" if i % 2 == 0 else "stripe" for i in range(n)]
     payment_ids = [
-        f"pay_bench{i + 1:010d}" if gw == "razorpay" else f"pi_bench{i + 1:020d}"
+        f"pay_{tag}{i + 1:010d}" if gw == "razorpay" else f"pi_{tag}{i + 1:020d}"
         for i, gw in enumerate(gateways)
     ]
-    keys = [f"bkr-{i + 1}-bench0000000000" for i in range(n)]
+    keys = [f"bkr-{i + 1}-{tag}0000000000" for i in range(n)]
     for gw in CURRENCY:
         state.set_refund_outcome(gw, "pending")
         state.add_payments(
@@ -144,6 +148,9 @@ def seed_simulator(state: Any, n: int) -> Backlog:
     refund_ids = []
     with state._lock:
         for i, (gw, pid) in enumerate(zip(gateways, payment_ids, strict=True)):
+            if reached is not None and not reached(i):
+                refund_ids.append("")
+                continue
             payment = state._payments[gw][pid]
             notes = {"backstop_refund_id": str(i + 1), "backstop_idempotency_key": keys[i]}
             refund = state._create_refund(
@@ -151,7 +158,8 @@ def seed_simulator(state: Any, n: int) -> Backlog:
             )
             refund_ids.append(refund.id)
     for refund_id, gw in zip(refund_ids, gateways, strict=True):
-        state.settle_refund(refund_id, SETTLED[gw])
+        if refund_id:
+            state.settle_refund(refund_id, SETTLED[gw])
     return Backlog(gateways, payment_ids, refund_ids, keys)
 
 
@@ -201,15 +209,8 @@ def load_backlog(engine: Engine, broker: redis.Redis, backlog: Backlog) -> None:
                 text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), :n)"),
                 {"n": len(backlog)},
             )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE payments, refunds"))
-        conn.execute(text("CHECKPOINT"))
+    settle(engine, "payments, refunds")
     broker.flushdb()
-
-
-def scalar(engine: Engine, sql: str, **params: Any) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(text(sql), params).scalar()
 
 
 def completed(engine: Engine) -> int:
