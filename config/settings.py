@@ -217,6 +217,9 @@ class Settings(BaseSettings):
     # A task whose worker process dies under it is put back on its queue; after this many
     # deaths (counted in Redis across workers) it is dead-lettered instead of run again.
     TASK_MAX_PROCESS_DEATHS: PositiveInt = 3
+    # Messages of a batched task (`notifications.send`) one pool job runs in one transaction;
+    # 1 runs each message as a task of its own.
+    TASK_BATCH_MAX: Annotated[int, Field(ge=1, le=1000)] = 100
     # Per-session Postgres timeouts (milliseconds).
     DB_LOCK_TIMEOUT_MS: PositiveInt = 5_000
     DB_STATEMENT_TIMEOUT_MS: PositiveInt = 60_000

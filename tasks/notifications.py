@@ -17,12 +17,22 @@ from workers.notify.delivery import (
     replay_deliveries,
     replay_sends,
     send_notification,
+    send_notifications,
     sweep_outbox,
 )
 from workers.payloads import DeliverNotification, SendNotification
 
 
-@task("notifications.send", payload=SendNotification, batch_precheck=replay_sends)
+def send_many(ctx: TaskContext, payloads: list[SendNotification]) -> list[int]:
+    return send_notifications(ctx.session, payloads, ctx.now)
+
+
+@task(
+    "notifications.send",
+    payload=SendNotification,
+    batch_precheck=replay_sends,
+    batch=send_many,  # type: ignore[arg-type]
+)
 def send(ctx: TaskContext, payload: SendNotification) -> int:
     return send_notification(ctx.session, payload, ctx.now)
 

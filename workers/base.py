@@ -111,6 +111,9 @@ class TaskContext:
 
 
 Body = Callable[..., Any]
+# A batch body: `fn(ctx, payloads)`, one result per payload, never None (see `run_batch`).
+BatchBody = Callable[[TaskContext, list[Payload]], list[Any]]
+BATCH_STRATEGY = "workers.messaging.batching:strategy"
 
 # Headers of a deferred task's message: when it first deferred (epoch seconds) and how often.
 DEFERRED_SINCE = "backstop_deferred_since"
@@ -252,6 +255,7 @@ class BackstopTask(Task):  # type: ignore[misc]
     max_retries = None
     payload_model: type[Payload] | None = None
     body: Body
+    batch_body: BatchBody | None = None
     precheck: dead_letters.Precheck | None = None
     batch_precheck: dead_letters.BatchPrecheck | None = None
     Request = TaskRequest
@@ -282,6 +286,30 @@ class BackstopTask(Task):  # type: ignore[misc]
         except Exception as exc:
             self.handle_error(exc, args, kwargs)
             raise
+
+    def run_batch(self, items: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Many messages of this task, `(task id, kwargs)` each, in one transaction: the pool job
+        of the batch strategy (workers/messaging/batching.py). Returns each message's result,
+        or None for one left to the ordinary path, a task run of its own: a payload that does
+        not validate, which the task then dead-letters as it would have anyway. An exception
+        leaves every message to the ordinary path (the transaction rolled back)."""
+        assert self.batch_body is not None, f"task {self.name} has no batch body"
+        results: list[Any] = [None] * len(items)
+        valid: list[tuple[int, Payload]] = []
+        for position, (_, kwargs) in enumerate(items):
+            try:
+                payload = self.validate_payload((), kwargs)
+            except PayloadError:
+                continue
+            if payload is not None:
+                valid.append((position, payload))
+        if valid:
+            with session_scope() as session:
+                ctx = TaskContext(session, utcnow(), None, self.name, 0)
+                done = self.batch_body(ctx, [payload for _, payload in valid])
+            for (position, _), result in zip(valid, done, strict=True):
+                results[position] = result
+        return results
 
     def defer(self, later: Defer, kwargs: dict[str, Any]) -> str:
         """Send this task again once its work can start, spending no retry. The message
@@ -446,6 +474,7 @@ def task(
     payload: type[Payload] | None = None,
     precheck: dead_letters.Precheck | None = None,
     batch_precheck: dead_letters.BatchPrecheck | None = None,
+    batch: BatchBody | None = None,
     **options: Any,
 ) -> Callable[[Body], BackstopTask]:
     """Declare a task under its explicit, stable, dotted contract name.
@@ -454,6 +483,11 @@ def task(
     of `workers/` that tests call directly. `precheck(session, payload, actor)` (or its batch
     form, one answer per payload) says why replaying a dead letter of this task is unnecessary
     (the refund already COMPLETED), or None to replay it.
+
+    `batch(ctx, payloads)`, the same work for many payloads in one transaction, makes the
+    worker receive this task in batches (workers/messaging/batching.py): one pool job and one
+    commit for the messages that arrive while a batch runs. The body stays what runs a message
+    on its own: a replay, a payload that does not validate, a batch that failed.
     """
 
     owned = RETRY_OPTIONS.intersection(options)
@@ -462,6 +496,9 @@ def task(
             f"task {name}: {sorted(owned)} would take the retry decision from BackstopTask; "
             "retries are TASK_MAX_RETRIES with backoff, for every task"
         )
+
+    if batch is not None:
+        options.update(batch_body=staticmethod(batch), Strategy=BATCH_STRATEGY)
 
     def decorate(fn: Body) -> BackstopTask:
         def run(self: BackstopTask, *args: Any, **kwargs: Any) -> Any:

@@ -36,6 +36,7 @@ from workers.notify.delivery import (
     replay_deliveries,
     replay_sends,
     send_notification,
+    send_notifications,
     sweep_outbox,
 )
 from workers.payloads import SendNotification, validate
@@ -178,6 +179,82 @@ def test_concurrent_sends_of_one_dedupe_key_write_one_row(committed: Engine, red
         thread.join()
     assert len(set(ids)) == 1 and len(ids) == 6
     assert queued(redis) == [("notifications.deliver_due", {})]
+
+
+def payload(recipient: str, **extra: Any) -> SendNotification:
+    return validate(
+        SendNotification,
+        {"channel": "email", "recipient": recipient, "template": "message", "data": MESSAGE}
+        | extra,
+    )
+
+
+def send_batch(payloads: list[SendNotification]) -> list[int]:
+    with session_scope() as session:
+        return send_notifications(session, payloads, T0)
+
+
+def test_a_batch_of_sends_writes_what_one_by_one_would_in_the_payloads_order(
+    committed: Engine, redis: Any
+) -> None:
+    before = send("email", "old@example.com", dedupe_key="seen-before")
+    batch = [
+        payload("a@example.com"),
+        payload("b@example.com", dedupe_key="k1"),
+        payload("c@example.com"),
+        payload("d@example.com", dedupe_key="seen-before"),
+        payload("e@example.com", dedupe_key="k1"),  # twice in the batch: written once
+        payload("f@example.com", dedupe_key="k2"),
+        payload("g@example.com"),
+    ]
+    ids = send_batch(batch)
+    with session_scope() as session:
+        stored = {n.id: n for n in session.scalars(select(Notification))}
+    assert len(stored) == 1 + 5
+    assert [stored[i].recipient for i in ids] == [
+        "a@example.com",
+        "b@example.com",
+        "c@example.com",
+        "old@example.com",
+        "b@example.com",
+        "f@example.com",
+        "g@example.com",
+    ]
+    assert ids[3] == before and ids[1] == ids[4]
+    assert all(
+        (n.status, n.attempts, n.next_attempt_at, n.enqueued_at) == ("PENDING", 0, T0, T0)
+        for i, n in stored.items()
+        if i != before
+    )
+    # One pump for the whole batch; a batch of nothing new asks for none.
+    assert queued(redis) == [("notifications.deliver_due", {})]
+    redis.flushdb()
+    assert send_batch([payload("x@example.com", dedupe_key="k2")]) == [ids[5]]
+    assert queued(redis) == []
+
+
+def test_concurrent_batches_with_the_same_keys_write_each_key_once(
+    committed: Engine, redis: Any
+) -> None:
+    keys = [f"hold-expired:{i}" for i in range(500)]
+    results: list[list[int]] = []
+    barrier = threading.Barrier(4)
+
+    def one(seed: int) -> None:
+        order = random.Random(seed).sample(keys, len(keys))  # each in its own order
+        batch = [payload(f"guest{keys.index(key)}@example.com", dedupe_key=key) for key in order]
+        barrier.wait()
+        ids = send_batch(batch)
+        results.append([ids[order.index(key)] for key in keys])
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 and all(ids == results[0] for ids in results)
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Notification)) == 500
 
 
 # -- delivery per channel -----------------------------------------------------------------------

@@ -5,10 +5,12 @@
   payload, valid or not, is lost.
 - When the broker connection is lost, the messages this worker had taken but not started
   (reserved, or waiting for their countdown) are put back on their queues as soon as it has
-  connected again. Celery drops its copies of them expecting the broker to deliver them again;
-  Redis would, but only after the visibility timeout (2 hours), because the restore kombu tries
-  while closing the dead connection cannot reach a Redis that is down. The tasks still running
-  are left to finish; an ack Redis could not take is made once connected again.
+  connected again (so are the `notifications.send` messages waiting for a batch, forgotten by
+  workers/messaging/batching.py). Celery drops its copies of them expecting the broker to
+  deliver them again; Redis would, but only after the visibility timeout (2 hours), because the
+  restore kombu tries while closing the dead connection cannot reach a Redis that is down.
+  The tasks still running are left to finish; an ack Redis could not take is made once
+  connected again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from workers.base import utcnow
 from workers.db import session_scope
 from workers.dead_letters import record_dead_letter
 from workers.errors import Classification, UndecodableMessage, UnknownTask, one_line
-from workers.messaging import redis_transport
+from workers.messaging import batching, redis_transport
 
 log = logging.getLogger("backstop.consumer")
 
@@ -105,11 +107,13 @@ def unacked(connection: Any) -> dict[str, str | None]:
 
 
 def running_ids(pool: Any) -> set[str]:
-    """The tasks this worker runs and will ack itself: started, or already written to a pool
-    process (it runs them whatever became of the connection that brought them)."""
+    """The tasks this worker runs and will ack itself: started, already written to a pool
+    process, or in a batch one runs (it runs them whatever became of the connection that
+    brought them)."""
     ids = {request.id for request in tuple(active_requests)}
     jobs = getattr(getattr(pool, "_pool", None), "_cache", None) or {}
     ids.update(getattr(job, "correlation_id", None) for job in tuple(jobs.values()))
+    ids.update(batching.running_ids())
     return {task_id for task_id in ids if task_id}
 
 
@@ -132,6 +136,7 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         self._orphans = {**self._orphans, **unacked(self.connection)}
+        batching.forget_waiting()  # their messages are put back once connected again
         super().on_connection_error_after_connected(exc)
 
     def connect(self) -> Any:
