@@ -307,8 +307,9 @@ class BackstopTask(Task):  # type: ignore[misc]
             with session_scope() as session:
                 ctx = TaskContext(session, utcnow(), None, self.name, 0)
                 done = self.batch_body(ctx, [payload for _, payload in valid])
-            for (position, _), result in zip(valid, done, strict=True):
-                results[position] = result
+                # Before the commit: a wrong answer rolls the batch back, never runs it twice.
+                for (position, _), result in zip(valid, done, strict=True):
+                    results[position] = result
         return results
 
     def defer(self, later: Defer, kwargs: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from tests.conftest import wait_until
-from tests.processes import Proc
+from tests.processes import Proc, RedisServer
 from workers.celery_app import app
 from workers.models import DeadLetter, Notification
 from workers.observability.metrics import WorkerMetrics
@@ -317,3 +317,67 @@ def test_a_warm_shutdown_mid_burst_exits_cleanly_and_the_next_worker_writes_the_
         keys = session.scalars(select(Notification.dedupe_key)).all()
     assert len(keys) == total and set(keys) == {f"term-{i}" for i in range(total)}
     assert "Traceback" not in first.output(), first.output()[-3000:]
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_batch_no_process_took_before_the_broker_dropped_is_put_back_at_once(
+    committed: Engine,
+    start_worker: Callable[..., Proc],
+    smtp: Any,
+    broker: RedisServer,
+) -> None:
+    """A worker with one process, busy with a delivery pump that the database holds up: the
+    next batch waits in the pool for it when Redis is killed. The pool drops such a job on the
+    lost connection (and calls none of its callbacks): its messages must be put back with the
+    others once Redis is back, not left unacked until the visibility timeout (2 hours)."""
+    with committed.begin() as conn:
+        conn.execute(
+            text(
+                """
+                CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$;
+                CREATE TRIGGER slow_update BEFORE UPDATE ON notifications
+                  FOR EACH STATEMENT EXECUTE FUNCTION slow_update();
+                """
+            )
+        )
+    try:
+        start_worker(
+            "--prefetch-multiplier=1",  # as the Procfile's worker: a job goes to an idle process
+            "-O",
+            "fair",
+            BROKER_URL=broker.url,
+            NOTIFY_EMAIL_FROM="bookings@example.com",
+            concurrency=1,
+            **smtp.env(),
+        )
+        client = redis_lib.Redis.from_url(broker.url)
+        with app.connection_for_write(broker.url) as conn:
+            app.send_task("notifications.send", kwargs=email(0), connection=conn)
+        pumping = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE state = 'active' AND query LIKE 'UPDATE notifications%'"
+        )
+        wait_until(lambda: count(committed, pumping) == 1, timeout=30, every=0.05)
+        with app.connection_for_write(broker.url) as conn:
+            for i in range(1, 21):
+                app.send_task("notifications.send", kwargs=email(i), connection=conn)
+        wait_until(lambda: client.llen("notifications") == 0, timeout=10, every=0.05)
+        time.sleep(0.5)  # the first of them handed to the busy pool, the rest waiting for it
+        broker.kill()
+        time.sleep(1)
+        broker.start()
+    finally:
+        with committed.begin() as conn:
+            conn.execute(text("DROP TRIGGER slow_update ON notifications"))
+            conn.execute(text("DROP FUNCTION slow_update()"))
+    written = "SELECT count(*) FROM notifications"
+    wait_until(lambda: count(committed, written) == 21, timeout=60)
+    wait_until(lambda: drained(redis_lib.Redis.from_url(broker.url)), timeout=60)

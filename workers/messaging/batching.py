@@ -1,11 +1,12 @@
 """Messages of one task run together: one pool job and one transaction for many messages.
 
 A task declared with a batch body (`notifications.send`) is received with this strategy.
-Celery's default strategy still takes each message: revocation, countdown and ETA, rate
-limits, the `task-received` event, the reserved state. Only where a request then goes differs:
-instead of one pool job per message, requests wait here while a batch of the task runs and go
-to the pool together when it is done, up to TASK_BATCH_MAX at a time, or at once when no batch
-runs (a lone message waits for nothing, a burst fills the next batch). A batch is one pool job,
+Celery's default strategy still takes each message: revocation, the `task-received` event, the
+reserved state; a message with a countdown or ETA, or held by a rate limit, runs as a task of
+its own when due, as always. Only where a ready request then goes differs: instead of one pool
+job per message, requests wait here while a batch of the task runs and go to the pool together
+when it is done, up to TASK_BATCH_MAX at a time, or at once when no batch runs (a lone message
+waits for nothing, a burst fills the next batch). A batch is one pool job,
 `BackstopTask.run_batch`: every payload validated, the batch body run in one transaction. Each
 request is then settled as Celery settles a task of its own: started and succeeded (events,
 worker state, Flower), and acked after the commit.
@@ -21,7 +22,9 @@ retries or dead-letters it as always:
   sent without a dedupe key a second time, as a redelivery of a single task would.
 
 Requests held here do not count against the worker's prefetch (as a countdown's do not): the
-consumer takes more messages while a batch runs, up to `HELD` batches' worth per task.
+consumer takes more messages while a batch runs, up to `HELD` batches' worth per task. On a
+lost broker connection the requests waiting, and the batches no pool process has taken, are
+forgotten here: the consumer puts their messages back (workers/messaging/consumer.py).
 TASK_BATCH_MAX=1 turns batching off: every message is a task run of its own.
 """
 
@@ -32,6 +35,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from celery import current_app
@@ -64,6 +68,14 @@ def strategy(task: Any, app: Any, consumer: Any, **options: Any) -> Callable[...
     return default(task, app, _Consumer(consumer, batcher.submit), **options)  # type: ignore[no-any-return]
 
 
+@dataclass
+class Batch:
+    """Requests handed to the pool as one job; `accepted` once a pool process has taken it."""
+
+    requests: list[Any]
+    accepted: tuple[int, float] | None = None
+
+
 class Batcher:
     """One task's requests in one consumer, from the strategy to their batch's outcome. Runs in
     the consumer's thread only (the strategy and the pool's callbacks both run there)."""
@@ -76,7 +88,7 @@ class Batcher:
         # Batches run at once: half the pool, so that other tasks (the delivery pumps) run too.
         self.lanes = max(1, int(getattr(consumer.pool, "limit", 1) or 1) // 2)
         self.waiting: deque[Any] = deque()
-        self.running: dict[int, list[Any]] = {}
+        self.running: dict[int, Batch] = {}
         self.numbers = itertools.count(1)
         self.qos: Any = None  # the consumer's prefetch, made after the strategies
         self.credit = 0  # prefetch added for requests held here
@@ -97,69 +109,96 @@ class Batcher:
             self.flush()
 
     def flush(self) -> None:
-        batch: list[Any] = []
-        while self.waiting and len(batch) < self.size:
+        requests: list[Any] = []
+        while self.waiting and len(requests) < self.size:
             request = self.waiting.popleft()
             if request.revoked():  # revoked while it waited: Celery has acked and announced it
                 self.release(request)
                 continue
-            batch.append(request)
-        if not batch:
+            requests.append(request)
+        if not requests:
             return
         number = next(self.numbers)
-        self.running[number] = batch
-        accepted: list[tuple[int, float]] = []
-        items = [(request.id, request.kwargs) for request in batch]
+        batch = self.running[number] = Batch(requests)
+        items = [(request.id, request.kwargs) for request in requests]
+
+        def accepted(pid: int, at: float) -> None:
+            batch.accepted = (pid, at)
+
         try:
             self.consumer.pool.apply_async(
                 run_batch,
                 args=(self.task.name, items),
-                accept_callback=lambda pid, at: accepted.append((pid, at)),
-                callback=lambda results: self.finished(number, accepted, results),
+                accept_callback=accepted,
+                callback=lambda results: self.finished(number, results),
                 error_callback=lambda failure: self.failed(number, failure),
-                timeout_callback=lambda soft, limit: self.timed_out(number, soft, limit),
-                correlation_id=batch[0].id,
+                # billiard passes these two by name
+                timeout_callback=lambda soft, timeout: self.timed_out(number, soft, timeout),
+                correlation_id=requests[0].id,
             )
         except Exception as error:
             self.failed(number, error)
 
-    def finished(self, number: int, accepted: list[tuple[int, float]], results: Any) -> None:
+    def finished(self, number: int, results: Any) -> None:
         batch = self.running.pop(number, None)
         if batch is None:
             return
-        if not isinstance(results, list) or len(results) != len(batch):
-            self.unbatch(batch, f"the batch answered {type(results).__name__}")
+        if not isinstance(results, list) or len(results) != len(batch.requests):
+            self.unbatch(batch.requests, f"the batch answered {type(results).__name__}")
             return
-        pid, at = accepted[0] if accepted else (0, time.monotonic())
+        pid, at = batch.accepted or (0, time.monotonic())
         runtime = time.monotonic() - at
-        for request, result in zip(batch, results, strict=True):
+        try:
+            for request, result in zip(batch.requests, results, strict=True):
+                self.settle(request, result, pid, at, runtime)
+        finally:
+            self.next()
+
+    def settle(self, request: Any, result: Any, pid: int, at: float, runtime: float) -> None:
+        """One request of a batch that committed: done, as a task of its own would be."""
+        try:
             self.release(request)
             if result is None:  # left to the task itself (a payload that does not validate)
                 self.ordinary(request)
-                continue
+                return
+            # Revoked with terminate while its batch ran: it is done already, and the process
+            # that ran it runs something else now.
+            request._terminate_on_ack = None
             request.on_accepted(pid, at)
             request.on_success((False, result, runtime))
-        self.next()
+        except Exception as error:
+            log.error(
+                "batch.settle_failed",
+                extra={"task": self.task.name, "task_id": request.id, "error": str(error)[:300]},
+            )
 
     def failed(self, number: int, failure: Any) -> None:
         batch = self.running.pop(number, None)
         if batch is not None:
-            self.unbatch(batch, getattr(failure, "exception", failure))
+            self.unbatch(batch.requests, getattr(failure, "exception", failure))
 
-    def timed_out(self, number: int, soft: bool, limit: float) -> None:
+    def timed_out(self, number: int, soft: bool, timeout: float) -> None:
         if not soft:  # the pool kills the process; the requests run again one by one
-            self.failed(number, f"hard time limit ({limit}s) exceeded")
+            self.failed(number, f"hard time limit ({timeout}s) exceeded")
 
-    def unbatch(self, batch: list[Any], why: Any) -> None:
+    def unbatch(self, requests: list[Any], why: Any) -> None:
         """Every request of a batch that did not finish goes the ordinary way."""
         log.warning(
             "batch.unbatched",
-            extra={"task": self.task.name, "requests": len(batch), "error": str(why)[:300]},
+            extra={"task": self.task.name, "requests": len(requests), "error": str(why)[:300]},
         )
-        for request in batch:
-            self.release(request)
-            self.ordinary(request)
-        self.next()
+        try:
+            for request in requests:
+                try:
+                    self.release(request)
+                    self.ordinary(request)
+                except Exception as error:
+                    log.error(
+                        "batch.unbatch_failed",
+                        extra={"task_id": request.id, "error": str(error)[:300]},
+                    )
+        finally:
+            self.next()
 
     def next(self) -> None:
         if not self.retired and self.waiting and len(self.running) < self.lanes:
@@ -173,11 +212,16 @@ class Batcher:
                 self.qos.decrement_eventually()
 
     def retire(self) -> None:
-        """The connection the waiting requests came on is lost: the consumer puts their
-        messages back (they are not running), so they are forgotten here. Running batches
-        still settle; the new connection's prefetch is not this one's to change."""
+        """The connection the requests came on is lost. The consumer puts back the messages
+        not running: those waiting here, and those of a batch no pool process has taken (the
+        pool drops such a job on a lost connection, and calls none of its callbacks), so both
+        are forgotten here. Batches a process runs still settle; the new connection's prefetch
+        is not this one's to change."""
         self.retired = True
         self.waiting.clear()
+        for number, batch in list(self.running.items()):
+            if batch.accepted is None:
+                del self.running[number]
 
 
 def batchable(request: Any) -> bool:
@@ -205,7 +249,7 @@ def running_ids() -> set[str]:
         request.id
         for batcher in _batchers
         for batch in batcher.running.values()
-        for request in batch
+        for request in batch.requests
     }
 
 
@@ -213,6 +257,9 @@ def run_batch(task_name: str, items: list[tuple[str, dict[str, Any]]]) -> list[A
     """The pool job of one batch."""
     started = time.perf_counter()
     results: list[Any] = current_app.tasks[task_name].run_batch(items)
-    done = sum(result is not None for result in results)
-    metrics.record_batch(task_name, done, time.perf_counter() - started)
+    try:  # the batch has committed: nothing here may make it run again
+        done = sum(result is not None for result in results)
+        metrics.record_batch(task_name, done, time.perf_counter() - started)
+    except Exception as error:
+        log.warning("batch.metrics_failed", extra={"error": str(error)[:300]})
     return results
