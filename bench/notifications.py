@@ -2,26 +2,31 @@
 Celery task through the same worker in the same run, on a real PostgreSQL and Redis.
 
 One worker is started as the Procfile's `worker` line starts it (prefork, concurrency = CPU
-count, prefetch 1, -O fair, queues critical,default,notifications) and runs three phases:
+count, prefetch 1, -O fair, queues critical,default,notifications) and runs, in alternating
+rounds (3 in a full run, 1 in a quick one):
 
 1. no-op: N `celery.accumulate` tasks (Celery's own task that returns its arguments) sent to
    the `notifications` queue; done when the worker has finished all N.
 2. notifications: N `notifications.send` tasks sent by name with a payload, as other services
-   send them (email, the `message` template, half with a dedupe key); each persists its row
-   and, after commit, sends its `notifications.deliver`, which claims the row, sends the email
-   over SMTP to a local server (aiosmtpd, in this process) and records SENT. Done when all N
-   rows are SENT.
-3. no-op again, to show the drift of the machine between the phases.
+   send them (email, the `message` template, half with a dedupe key); the worker receives them
+   in batches (workers/messaging/batching.py), writes the rows and asks for a delivery pump,
+   which claims them, sends each email over SMTP to a local server (aiosmtpd, in this process)
+   and records SENT. Done when all N rows are SENT.
+
+then delivery alone once: N rows written in one statement, one `notifications.deliver_due`.
+The same rounds run again through a worker started with TASK_BATCH_MAX=1: every send a task
+run of its own, the form batching replaced, against its own no-op rounds.
 
 Each phase is timed from its first message sent to its last one done; the messages are sent
-from this process in one loop at the start of the phase. Target: notifications/s >= 0.8 x the
-no-op's tasks/s (the mean of both no-op phases). The SMTP server must have received exactly N
-messages, one per notification.
+from this process in one loop at the start of the phase. Figures are medians over the rounds.
+Target: notifications/s >= 0.8 x the no-op's tasks/s. The SMTP server must have received
+exactly one email per notification, in every round.
 
     .venv/bin/python -m tests.services -- .venv/bin/python bench/notifications.py [--quick] [--json]
 
-`--quick` shrinks N for a smoke run; `--json` also prints the results as one JSON object on the
-last line. A missed target prints FAIL but the exit code stays 0: this is a measurement.
+`--quick` shrinks N and the rounds for a smoke run; `--json` also prints the results as one
+JSON object on the last line. A missed target prints FAIL but the exit code stays 0: this is a
+measurement.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +55,7 @@ from tests.smtp_sink import SmtpSink  # noqa: E402
 TARGET_RATIO = 0.8
 CPUS = os.cpu_count() or 1
 FULL, QUICK = 5_000, 500
+ROUNDS, QUICK_ROUNDS = 3, 1
 TIMEOUT = 600.0
 NOOP = "celery.accumulate"
 
@@ -70,11 +77,11 @@ def reset(engine: Engine, broker: redis.Redis) -> None:
     broker.flushdb()
 
 
-def start_worker(env: dict[str, str], logs: Path) -> Proc:
+def start_worker(env: dict[str, str], logs: Path, name: str = "bench-notify") -> Proc:
     return processes.worker(
-        "bench-notify",
+        name,
         env,
-        logs / "worker.log",
+        logs / f"{name}.log",
         "--prefetch-multiplier=1",
         "-O",
         "fair",
@@ -135,7 +142,22 @@ def run_noop(worker: Proc, n: int) -> dict[str, Any]:
     }
 
 
-def run_notifications(engine: Engine, sink: SmtpSink, n: int) -> dict[str, Any]:
+def clear_notifications(engine: Engine, broker: redis.Redis) -> None:
+    """Between rounds: what the last round left done, gone (its pumps finished first)."""
+    drain(broker)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "TRUNCATE notification_attempts, notifications, state_transitions RESTART IDENTITY"
+            )
+        )
+    settle(engine, "notifications, notification_attempts, state_transitions")
+
+
+def run_notifications(
+    engine: Engine, broker: redis.Redis, sink: SmtpSink, n: int
+) -> dict[str, Any]:
+    clear_notifications(engine, broker)
     received_before = len(sink.messages)
     messages = []
     for i in range(n):
@@ -203,10 +225,9 @@ def drain(broker: redis.Redis) -> None:
 def run_delivery(engine: Engine, broker: redis.Redis, sink: SmtpSink, n: int) -> dict[str, Any]:
     """N notifications written in one statement, as another service (or a sweep of alerts)
     writes them, then one `notifications.deliver_due` sent by name: delivery alone."""
-    drain(broker)
+    clear_notifications(engine, broker)
     received_before = len(sink.messages)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE notification_attempts, notifications RESTART IDENTITY"))
         conn.execute(text(WRITE_SQL), {"n": n})
     cpu = cpu_times()
     started = time.perf_counter()
@@ -225,6 +246,39 @@ def run_delivery(engine: Engine, broker: redis.Redis, sink: SmtpSink, n: int) ->
     }
 
 
+def median(runs: list[dict[str, Any]], key: str = "per_s") -> float:
+    return round(statistics.median(run[key] for run in runs), 1)
+
+
+def batch_sizes(root: Path) -> dict[str, float]:
+    """The worker's `backstop_task_batch_size` histogram for notifications.send: batches,
+    messages in them, and the cumulative count of batches at each bucket's bound."""
+    from workers.observability.metrics import WorkerMetrics
+
+    found: dict[str, float] = {"count": 0.0, "sum": 0.0}
+    for metric in WorkerMetrics(root).collect():
+        for sample in metric.samples:
+            if sample.labels.get("task") != "notifications.send":
+                continue
+            part = sample.name.removeprefix("backstop_task_batch_size_")
+            key = f"le {sample.labels['le']}" if part == "bucket" else part
+            found[key] = found.get(key, 0.0) + sample.value
+    return found
+
+
+def rounds_through(
+    worker: Proc, engine: Engine, broker: redis.Redis, sink: SmtpSink, n: int, rounds: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Alternating rounds of no-op tasks and notifications through one worker."""
+    noops, sends = [], []
+    for index in range(rounds):
+        print(f"  round {index + 1}: no-op ...", flush=True)
+        noops.append(run_noop(worker, n))
+        print(f"  round {index + 1}: notifications ...", flush=True)
+        sends.append(run_notifications(engine, broker, sink, n))
+    return noops, sends
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -235,13 +289,16 @@ def main() -> int:
         return 2
     url, broker_url = urls
     n = QUICK if args.quick else FULL
+    rounds = QUICK_ROUNDS if args.quick else ROUNDS
 
     with SmtpSink() as sink, tempfile.TemporaryDirectory(prefix="backstop-bench-") as folder:
+        metrics = Path(folder) / "metrics"
         env = {
             **os.environ,
             **sink.env(),
             "NOTIFY_EMAIL_FROM": "bookings@example.com",
             "PYTHONUNBUFFERED": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics),
         }
         os.environ.update(env)  # this process sends with the same settings
         from workers.db import get_engine
@@ -255,19 +312,26 @@ def main() -> int:
         results["machine"] = machine(engine, broker)
         print(
             f"\n{n:,} notifications (email over SMTP to aiosmtpd in this process) against "
-            f"{n:,} no-op tasks,\nthrough one worker: prefork -c {CPUS}, prefetch 1, -O fair"
+            f"{n:,} no-op tasks, {rounds} alternating round(s),\nthrough one worker: prefork "
+            f"-c {CPUS}, prefetch 1, -O fair; then again with TASK_BATCH_MAX=1"
         )
         reset(engine, broker)
         worker = start_worker(env, Path(folder))
         try:
-            print("  no-op ...", flush=True)
-            first = run_noop(worker, n)
-            print("  notifications ...", flush=True)
-            ours = run_notifications(engine, sink, n)
+            noops, sends = rounds_through(worker, engine, broker, sink, n, rounds)
             print("  delivery of notifications already written ...", flush=True)
             delivery = run_delivery(engine, broker, sink, n)
-            print("  no-op again ...", flush=True)
-            second = run_noop(worker, n)
+            drain(broker)
+            sizes = batch_sizes(metrics)
+        finally:
+            worker.stop()
+        broker.flushdb()
+        single_env = {**env, "TASK_BATCH_MAX": "1"}
+        worker = start_worker(single_env, Path(folder), "bench-notify-single")
+        try:
+            print("  one task per send (TASK_BATCH_MAX=1):", flush=True)
+            single_noops, singles = rounds_through(worker, engine, broker, sink, n, rounds)
+            drain(broker)
         finally:
             worker.stop()
         broker.flushdb()
@@ -282,28 +346,37 @@ def main() -> int:
         triage = dlq_bench.run_ours(engine, broker, letters, datetime.now(UTC), Path(folder))
         broker.flushdb()
 
-    baseline = (first["per_s"] + second["per_s"]) / 2
-    ratio = round(ours["per_s"] / baseline, 2) if baseline else 0.0
+    baseline, single_baseline = median(noops), median(single_noops)
+    ours, single = median(sends), median(singles)
+    ratio = round(ours / baseline, 2) if baseline else 0.0
+    single_ratio = round(single / single_baseline, 2) if single_baseline else 0.0
+    persist_ratio = round(median(sends, "persisted_per_s") / baseline, 2) if baseline else 0.0
     delivery_ratio = round(delivery["per_s"] / baseline, 2) if baseline else 0.0
-    exact = (
-        ours["emails_received"] == n == ours["notifications"]
-        and ours["dead"] == 0
-        and delivery["emails_received"] == n == delivery["notifications"]
-    )
-    print(f"\n  {'phase':<34}{'items':>8}{'seconds':>10}{'per s':>10}")
-    for label, run, key in (
-        ("no-op task (celery.accumulate)", first, "tasks"),
-        ("notifications.send -> SENT", ours, "notifications"),
-        ("written rows -> SENT (delivery)", delivery, "notifications"),
-        ("no-op task, again", second, "tasks"),
+    exact = all(
+        run["emails_received"] == n == run["notifications"] and run["dead"] == 0
+        for run in [*sends, *singles]
+    ) and (delivery["emails_received"] == n == delivery["notifications"])
+    print(f"\n  {'phase (median of rounds)':<40}{'items':>8}{'seconds':>10}{'per s':>10}")
+    for label, runs in (
+        ("no-op task (celery.accumulate)", noops),
+        ("notifications.send -> SENT", sends),
+        ("written rows -> SENT (delivery)", [delivery]),
+        ("no-op task, TASK_BATCH_MAX=1 worker", single_noops),
+        ("notifications.send, one task each", singles),
     ):
-        print(f"  {label:<34}{run[key]:>8,}{run['seconds']:>10.1f}{run['per_s']:>10,.1f}")
-    print(f"\n  per s / no-op tasks per s (mean of both no-op phases, {baseline:,.1f}):")
+        print(
+            f"  {label:<40}{n:>8,}{median(runs, 'seconds'):>10.1f}{median(runs):>10,.1f}"
+            + (
+                "   rounds: " + ", ".join(f"{run['per_s']:,.0f}" for run in runs)
+                if len(runs) > 1
+                else ""
+            )
+        )
+    print(f"\n  per s / no-op tasks per s through the same worker ({baseline:,.1f}):")
     print(
         f"    end to end, notifications.send -> SENT: {ratio:.2f}   "
         f">= {TARGET_RATIO}: {verdict(ratio >= TARGET_RATIO)}"
     )
-    persist_ratio = round(ours["persisted_per_s"] / baseline, 2) if baseline else 0.0
     print(
         f"    the send tasks alone (every row written): {persist_ratio:.2f}   (end to end "
         f"cannot beat it)"
@@ -312,19 +385,36 @@ def main() -> int:
         f"    delivery alone, written rows -> SENT:   {delivery_ratio:.2f}   "
         f">= {TARGET_RATIO}: {verdict(delivery_ratio >= TARGET_RATIO)}"
     )
+    gain = ratio / single_ratio if single_ratio else 0.0
+    print(
+        f"    one task per send (TASK_BATCH_MAX=1):   {single_ratio:.2f}   (against its own "
+        f"no-op, {single_baseline:,.1f}/s; batching is {gain:.1f}x it)"
+    )
+    batches = sizes.get("count", 0.0)
+    mean = sizes.get("sum", 0.0) / batches if batches else 0.0
+    print(
+        f"  batches: {batches:,.0f} for {sizes.get('sum', 0.0):,.0f} sends (mean {mean:.1f}; "
+        f"{sizes.get('le 10.0', 0.0):,.0f} of at most 10, "
+        f"{batches - sizes.get('le 50.0', 0.0):,.0f} over 50)"
+    )
     print(
         "  CPUs busy (of "
         + str(CPUS)
-        + "): "
+        + ", median): "
         + ", ".join(
-            f"{label} {run['cpu_busy']:.0%}"
-            for label, run in (("no-op", first), ("send", ours), ("delivery", delivery))
+            f"{label} {median(runs, 'cpu_busy'):.0%}"
+            for label, runs in (
+                ("no-op", noops),
+                ("send", sends),
+                ("delivery", [delivery]),
+                ("send one task each", singles),
+            )
         )
         + " (one core is the worker's consumer, which every message passes through)"
     )
     print(
-        f"  emails received {ours['emails_received']:,} + {delivery['emails_received']:,} for "
-        f"{n:,} + {n:,} notifications, {ours['dead']} dead: {verdict(exact)}"
+        f"  emails received: one per notification in every round ({len(sends) + len(singles)} "
+        f"rounds and delivery, {n:,} each), 0 dead: {verdict(exact)}"
     )
     triage_ok = triage["seconds"] <= dlq_bench.TARGET_SECONDS
     print(
@@ -336,14 +426,17 @@ def main() -> int:
         print("  (quick: sizes shrunk for a smoke run; the target is set for the full run)")
     results.update(
         triage=triage,
-        noop=first,
-        noop_again=second,
-        notifications=ours,
+        noop=noops,
+        notifications=sends,
         delivery=delivery,
+        single_noop=single_noops,
+        single=singles,
+        batch_sizes=sizes,
         summary={
             "ratio_end_to_end": ratio,
             "ratio_delivery": delivery_ratio,
             "ratio_send_tasks_alone": persist_ratio,
+            "ratio_one_task_each": single_ratio,
             "end_to_end_pass": ratio >= TARGET_RATIO,
             "delivery_pass": delivery_ratio >= TARGET_RATIO,
             "exactly_once": exact,
