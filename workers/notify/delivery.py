@@ -141,6 +141,17 @@ def send_notification(session: Session, payload: SendNotification, now: datetime
     return notification_id
 
 
+# The batch's statements, on the table (Core): compiled once and cached, each executed once for
+# all its rows (SQLAlchemy's "insertmanyvalues": one INSERT ... VALUES with every row).
+_NOTIFICATIONS = Notification.__table__
+_INSERT_PLAIN = insert(_NOTIFICATIONS).returning(_NOTIFICATIONS.c.id, sort_by_parameter_order=True)
+_INSERT_KEYED = (
+    postgresql.insert(_NOTIFICATIONS)
+    .on_conflict_do_nothing(index_elements=["dedupe_key"])
+    .returning(_NOTIFICATIONS.c.dedupe_key, _NOTIFICATIONS.c.id)
+)
+
+
 def send_notifications(
     session: Session, payloads: Sequence[SendNotification], now: datetime
 ) -> list[int]:
@@ -158,8 +169,7 @@ def send_notifications(
             keyed[payload.dedupe_key].append(i)
     if plain:
         written = session.execute(
-            insert(Notification).returning(Notification.id, sort_by_parameter_order=True),
-            [new_row(payloads[i], now) for i in plain],
+            _INSERT_PLAIN, [new_row(payloads[i], now) for i in plain]
         ).scalars()
         for i, notification_id in zip(plain, written, strict=True):
             ids[i] = notification_id
@@ -167,24 +177,19 @@ def send_notifications(
     if keyed:
         # In the keys' order: two batches that share keys then wait on each other in one
         # order and never deadlock.
-        stmt = postgresql.insert(Notification).values(
-            [new_row(payloads[keyed[key][0]], now) for key in sorted(keyed)]
-        )
-        inserted = session.execute(
-            stmt.on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(
-                Notification.dedupe_key, Notification.id
-            )
-        )
-        added = {key: notification_id for key, notification_id in inserted}
+        rows = [new_row(payloads[keyed[key][0]], now) for key in sorted(keyed)]
+        added = {
+            key: notification_id for key, notification_id in session.execute(_INSERT_KEYED, rows)
+        }
         seen = [key for key in keyed if key not in added]
         existing = {}
         if seen:
-            rows = session.execute(
+            found = session.execute(
                 select(Notification.dedupe_key, Notification.id).where(
                     Notification.dedupe_key.in_(seen)
                 )
             )
-            existing = {key: notification_id for key, notification_id in rows}
+            existing = {key: notification_id for key, notification_id in found}
         for key, positions in keyed.items():
             notification_id = added.get(key) or existing[key]
             for i in positions:
