@@ -5,6 +5,8 @@ waiting and running loses none of them."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import time
@@ -258,12 +260,32 @@ def test_a_batch_the_database_refuses_runs_again_one_by_one_and_only_the_bad_one
     assert "notifications.send" in worker.output()
 
 
+def dedupe_keys(raws: list[bytes]) -> set[str]:
+    """The dedupe keys of the sends among task messages as Redis keeps them (queued, or
+    unacked: [message, exchange, routing key]); the pumps' messages have none."""
+    keys = set()
+    for raw in raws:
+        message = json.loads(raw)
+        message = message[0] if isinstance(message, list) else message
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        if "dedupe_key" in kwargs:
+            keys.add(str(kwargs["dedupe_key"]))
+    return keys
+
+
 def test_a_worker_killed_with_batches_waiting_and_running_loses_none_of_them(
     committed: Engine,
     start_worker: Callable[..., Proc],
     smtp: Any,
     redis: redis_lib.Redis,
 ) -> None:
+    """Every message Redis still holds when the worker dies (queued, or taken and not acked:
+    waiting for a batch, in one, or done but not acked) is written once after the restart.
+
+    One message more may be lost, and the test says which: the one the consumer had popped
+    (BRPOP) and not yet recorded as unacked (HSET) at the instant of the SIGKILL. That window
+    is kombu's Redis transport, for every task (workers/messaging/redis_transport.py); it is
+    not batching's, and it holds at most one message (the consumer pops one at a time)."""
     env = {
         "NOTIFY_EMAIL_FROM": "bookings@example.com",
         # Redis gives a killed worker's messages back after this.
@@ -273,23 +295,45 @@ def test_a_worker_killed_with_batches_waiting_and_running_loses_none_of_them(
         **smtp.env(),
     }
     total = 3000
+    everything = {f"kill-{i}" for i in range(total)}
     worker = start_worker(**env)
     publish([email(i, dedupe_key=f"kill-{i}") for i in range(total)])
     written = "SELECT count(*) FROM notifications"
     wait_until(lambda: count(committed, written) >= 300, timeout=60, every=0.02)
     worker.stop(signal.SIGKILL)  # the whole process group: the consumer and its pool
-    at_kill = count(committed, written)
-    assert at_kill < total, "killed after the work was done: no test"
-    assert redis.hlen("unacked") > 0, "nothing was held when the worker died: no test"
+
+    def keys_written() -> set[str]:
+        with Session(committed) as session:
+            return set(session.scalars(select(Notification.dedupe_key)))
+
+    # Nothing consumes now: what Redis holds, and what was written, is fixed until the restart.
+    at_kill = keys_written()
+    held = dedupe_keys(redis.hvals("unacked"))
+    queued = dedupe_keys(redis.lrange("notifications", 0, -1))
+    assert len(at_kill) < total, "killed after the work was done: no test"
+    assert held - at_kill, "no message taken and unfinished when the worker died: no test"
+    in_the_window = everything - at_kill - held - queued
+    assert len(in_the_window) <= 1, f"{len(in_the_window)} messages nowhere at the kill"
 
     start_worker(**env)
-    wait_until(lambda: count(committed, written) == total, timeout=120)
+    expected = everything - in_the_window
+    try:
+        wait_until(lambda: keys_written() >= expected, timeout=120)
+    except AssertionError:
+        raise AssertionError(
+            f"{len(expected - keys_written())} of the {len(held)} held and {len(queued)} "
+            f"queued at the kill never written; {redis.llen('notifications')} queued, "
+            f"{redis.hlen('unacked')} unacked now"
+        ) from None
     wait_until(lambda: drained(redis), timeout=60)
     with Session(committed) as session:
-        keys = session.scalars(select(Notification.dedupe_key)).all()
         rows = session.scalar(select(func.count()).select_from(Notification))
-    assert rows == total and set(keys) == {f"kill-{i}" for i in range(total)}
-    print(f"killed with {at_kill} of {total} written; the rest written after the restart")
+    assert rows == len(keys_written())  # each once
+    print(
+        f"killed with {len(at_kill)} of {total} written, {len(held - at_kill)} held unfinished, "
+        f"{len(queued)} queued; all written after the restart"
+        + (f"; lost in kombu's BRPOP-HSET window: {in_the_window}" if in_the_window else "")
+    )
 
 
 def test_a_warm_shutdown_mid_burst_exits_cleanly_and_the_next_worker_writes_the_rest(
