@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kombu.transport import redis
+from kombu.transport import redis, virtual
 
 # Messages popped from Redis whose unacked record Redis did not take: (delivery tag, payload,
 # exchange, routing key). Only the worker's consumer thread delivers messages: a list will do.
@@ -44,6 +44,21 @@ class QoS(redis.QoS):  # type: ignore[misc]
         except self.channel.connection_errors:
             UNFINISHED_ACKS.append(delivery_tag)
             raise
+
+    def ack_many(self, delivery_tags: list[str]) -> None:
+        """Ack several messages in one round trip: a batch's, settled together
+        (workers/messaging/batching.py). As `ack`, an ack Redis did not take is made again
+        once the worker has connected again."""
+        try:
+            with self.pipe_or_acquire() as pipe:
+                for tag in delivery_tags:
+                    self._remove_from_indices(tag, pipe)
+                pipe.execute()
+        except self.channel.connection_errors:
+            UNFINISHED_ACKS.extend(delivery_tags)
+            raise
+        for tag in delivery_tags:
+            virtual.QoS.ack(self, tag)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         try:
