@@ -10,7 +10,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,14 +31,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CRASHES = 20
 RECOVERY_SECONDS = 30  # the target: consuming again within this of each restart
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def expired(engine: Engine, holds: list[int]) -> int:

@@ -6,6 +6,7 @@ waiting and running loses none of them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -84,32 +85,42 @@ def drained(client: redis_lib.Redis) -> bool:
     return client.llen("notifications") == 0 and client.hlen("unacked") == 0
 
 
+@contextlib.contextmanager
+def trigger(engine: Engine, name: str, when: str, body: str) -> Iterator[Engine]:
+    """A PL/pgSQL trigger on `notifications` for the block: the database misbehaving, for
+    real. `when`: e.g. "BEFORE INSERT ... FOR EACH ROW"; `body`: the function's."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ {body} $$; "
+                f"CREATE TRIGGER {name} {when.replace('...', 'ON notifications')} "
+                f"EXECUTE FUNCTION {name}()"
+            )
+        )
+    try:
+        yield engine
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TRIGGER {name} ON notifications"))
+            conn.execute(text(f"DROP FUNCTION {name}()"))
+
+
 @pytest.fixture
 def refusing_database(committed: Engine) -> Iterator[Engine]:
     """PostgreSQL refuses a notification for REFUSED (a check a DBA added, say): a real
     database error in the middle of a batch's INSERT."""
-    with committed.begin() as conn:
-        conn.execute(
-            text(
-                f"""
-                CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN
-                  IF NEW.recipient = '{REFUSED}' THEN
-                    RAISE EXCEPTION 'recipient refused' USING ERRCODE = 'check_violation';
-                  END IF;
-                  RETURN NEW;
-                END $$;
-                CREATE TRIGGER refuse_one BEFORE INSERT ON notifications
-                  FOR EACH ROW EXECUTE FUNCTION refuse_one();
-                """
-            )
-        )
-    try:
+    with trigger(
+        committed,
+        "refuse_one",
+        "BEFORE INSERT ... FOR EACH ROW",
+        f"""BEGIN
+              IF NEW.recipient = '{REFUSED}' THEN
+                RAISE EXCEPTION 'recipient refused' USING ERRCODE = 'check_violation';
+              END IF;
+              RETURN NEW;
+            END""",
+    ):
         yield committed
-    finally:
-        with committed.begin() as conn:
-            conn.execute(text("DROP TRIGGER refuse_one ON notifications"))
-            conn.execute(text("DROP FUNCTION refuse_one()"))
 
 
 def test_a_burst_is_written_in_batches_each_notification_once_and_every_message_acked(
@@ -174,23 +185,13 @@ def test_a_burst_is_written_in_batches_each_notification_once_and_every_message_
 @pytest.fixture
 def slow_database(committed: Engine) -> Iterator[Engine]:
     """Every INSERT into notifications takes 0.2 s longer (a database under load)."""
-    with committed.begin() as conn:
-        conn.execute(
-            text(
-                """
-                CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END $$;
-                CREATE TRIGGER slow_insert BEFORE INSERT ON notifications
-                  FOR EACH STATEMENT EXECUTE FUNCTION slow_insert();
-                """
-            )
-        )
-    try:
+    with trigger(
+        committed,
+        "slow_insert",
+        "BEFORE INSERT ... FOR EACH STATEMENT",
+        "BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END",
+    ):
         yield committed
-    finally:
-        with committed.begin() as conn:
-            conn.execute(text("DROP TRIGGER slow_insert ON notifications"))
-            conn.execute(text("DROP FUNCTION slow_insert()"))
 
 
 def test_batches_grow_with_a_slow_database_up_to_the_default_size_and_no_larger(
@@ -363,14 +364,6 @@ def test_a_warm_shutdown_mid_burst_exits_cleanly_and_the_next_worker_writes_the_
     assert "Traceback" not in first.output(), first.output()[-3000:]
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_a_batch_no_process_took_before_the_broker_dropped_is_put_back_at_once(
     committed: Engine,
     start_worker: Callable[..., Proc],
@@ -381,18 +374,12 @@ def test_a_batch_no_process_took_before_the_broker_dropped_is_put_back_at_once(
     next batch waits in the pool for it when Redis is killed. The pool drops such a job on the
     lost connection (and calls none of its callbacks): its messages must be put back with the
     others once Redis is back, not left unacked until the visibility timeout (2 hours)."""
-    with committed.begin() as conn:
-        conn.execute(
-            text(
-                """
-                CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS $$
-                BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$;
-                CREATE TRIGGER slow_update BEFORE UPDATE ON notifications
-                  FOR EACH STATEMENT EXECUTE FUNCTION slow_update();
-                """
-            )
-        )
-    try:
+    with trigger(
+        committed,
+        "slow_update",
+        "BEFORE UPDATE ... FOR EACH STATEMENT",
+        "BEGIN PERFORM pg_sleep(4); RETURN NULL; END",
+    ):
         start_worker(
             "--prefetch-multiplier=1",  # as the Procfile's worker: a job goes to an idle process
             "-O",
@@ -418,10 +405,6 @@ def test_a_batch_no_process_took_before_the_broker_dropped_is_put_back_at_once(
         broker.kill()
         time.sleep(1)
         broker.start()
-    finally:
-        with committed.begin() as conn:
-            conn.execute(text("DROP TRIGGER slow_update ON notifications"))
-            conn.execute(text("DROP FUNCTION slow_update()"))
     written = "SELECT count(*) FROM notifications"
     wait_until(lambda: count(committed, written) == 21, timeout=60)
     wait_until(lambda: drained(redis_lib.Redis.from_url(broker.url)), timeout=60)
