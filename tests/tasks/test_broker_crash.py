@@ -166,7 +166,10 @@ def test_a_redis_crash_mid_burst_delays_no_notification_long_and_sends_few_twice
                 )
             )
 
-    wait_until(lambda: sent() == len(keys), timeout=150, every=1)
+    try:
+        wait_until(lambda: sent() == len(keys), timeout=150, every=1)
+    except AssertionError:
+        raise AssertionError(not_sent(committed, broker, keys)) from None
     took = time.monotonic() - back
     ids = Counter(message["Message-ID"] for message in smtp.messages)
     twice = sum(count - 1 for count in ids.values() if count > 1)
@@ -176,6 +179,35 @@ def test_a_redis_crash_mid_burst_delays_no_notification_long_and_sends_few_twice
     )
     assert took <= 120
     assert twice <= 50  # one pump's batch, at most, was in flight at the crash
+
+
+def not_sent(engine: Engine, broker: RedisServer, keys: list[str]) -> str:
+    """Where the accepted notifications not SENT are: a row in which status, or their message
+    queued, unacked, or nowhere."""
+    with Session(engine) as session:
+        rows = dict(
+            session.execute(
+                select(Notification.dedupe_key, Notification.status).where(
+                    Notification.dedupe_key.in_(keys)
+                )
+            ).all()
+        )
+    missing = {key for key in keys if rows.get(key) != "SENT"}
+
+    def key_of(raw: bytes) -> Any:
+        message = json.loads(raw)
+        message = message[0] if isinstance(message, list) else message
+        return json.loads(base64.b64decode(message["body"]))[1].get("dedupe_key")
+
+    client = redis.Redis.from_url(broker.url)
+    queued = {key_of(raw) for raw in client.lrange("notifications", 0, -1)}
+    unacked = {key_of(raw) for raw in client.hvals("unacked")}
+    statuses = Counter(rows.get(key, "no row") for key in missing)
+    return (
+        f"{len(missing)} of {len(keys)} accepted not SENT: {dict(statuses)}; their messages: "
+        f"{len(missing & queued)} queued, {len(missing & unacked)} unacked, "
+        f"{len(missing - queued - unacked)} nowhere in Redis (e.g. {sorted(missing)[:5]})"
+    )
 
 
 def test_a_task_running_when_the_connection_drops_runs_once(
