@@ -54,29 +54,18 @@ def count(engine: Engine, sql: str) -> int:
         return int(conn.execute(text(sql)).scalar_one())
 
 
-def batches(root: Path) -> tuple[float, float]:
-    """(batches, messages) of `notifications.send` the worker ran in batches."""
+def batch_sizes(root: Path) -> dict[str, float]:
+    """The worker's `backstop_task_batch_size` histogram for `notifications.send`: "count"
+    (batches), "sum" (messages in them) and each cumulative bucket by its bound ("100.0")."""
     found = {"count": 0.0, "sum": 0.0}
     for metric in WorkerMetrics(root).collect():
         for sample in metric.samples:
             if sample.labels.get("task") != "notifications.send":
                 continue
-            for part in found:
-                if sample.name == f"backstop_task_batch_size_{part}":
-                    found[part] += sample.value
-    return found["count"], found["sum"]
-
-
-def batch_buckets(root: Path) -> dict[str, float]:
-    """The batch-size histogram's cumulative buckets for `notifications.send`, by `le`."""
-    found: dict[str, float] = {}
-    for metric in WorkerMetrics(root).collect():
-        for sample in metric.samples:
-            if (
-                sample.name == "backstop_task_batch_size_bucket"
-                and sample.labels.get("task") == "notifications.send"
-            ):
-                found[sample.labels["le"]] = found.get(sample.labels["le"], 0) + sample.value
+            part = sample.name.removeprefix("backstop_task_batch_size_")
+            key = sample.labels["le"] if part == "bucket" else part
+            if key in found or part == "bucket":
+                found[key] = found.get(key, 0.0) + sample.value
     return found
 
 
@@ -176,8 +165,8 @@ def test_a_burst_is_written_in_batches_each_notification_once_and_every_message_
     }
     assert len(smtp.messages) == 500
     # Written in batches: fewer pool jobs than messages, every valid message in one of them.
-    wait_until(lambda: batches(metrics)[1] == 550)
-    jobs, _ = batches(metrics)
+    wait_until(lambda: batch_sizes(metrics)["sum"] == 550)
+    jobs = batch_sizes(metrics)["count"]
     assert jobs < 550 / 2, f"{jobs:.0f} batches for 550 messages: no batching"
     assert "batch.unbatched" not in worker.output()
 
@@ -217,7 +206,7 @@ def test_batches_grow_with_a_slow_database_up_to_the_default_size_and_no_larger(
     wait_until(lambda: count(slow_database, written) == total, 90)
     took = time.monotonic() - started
     wait_until(lambda: drained(redis), timeout=60)
-    buckets = wait_until(lambda: (b := batch_buckets(metrics)) and b["+Inf"] > 0 and b)
+    buckets = wait_until(lambda: (b := batch_sizes(metrics)) and b.get("+Inf", 0) > 0 and b)
     assert isinstance(buckets, dict)
     assert buckets["100.0"] == buckets["+Inf"], f"a batch larger than 100: {buckets}"
     full = buckets["+Inf"] - buckets["50.0"]
